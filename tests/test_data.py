@@ -355,3 +355,14 @@ def test_packed_attention_mask_shape():
     assert m.shape == (2, 1, 4, 4)
     assert (m[0, 0] == 0).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
     assert (m[1, 0] == 0).int().tolist() == torch.ones(4, 4).tril().int().tolist()
+
+
+def test_encode_texts_equals_the_tokenizer_call(smollm2):
+    from gslm.data import encode_texts
+    _, tok = smollm2
+    texts = ["hello <|im_end|> world", "<|im_start|>user\nHi<|im_end|>\n", "  spaces  ", "", "café ﬁ 日本", "\n\n### Response:\n"] * 3
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert encode_texts(texts, tok, chunk=4) == want            # the Rust backend, in chunks
+    class NoBackend:                                              # a tokenizer without a fast backend takes the plain call
+        def __call__(self, t, **kw): return tok(t, **kw)
+    assert encode_texts(texts, NoBackend()) == want
