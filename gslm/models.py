@@ -175,7 +175,9 @@ def load_model(name_or_path: str | Path = "smollm2", *, device: str | torch.devi
     common = dict(trust_remote_code=trust_remote_code, local_files_only=src.kind != "hub" or src.local_files_only)
     mkw = dict(dtype=dt, **common, **kwargs)
     if attn_implementation: mkw["attn_implementation"] = attn_implementation
-    if qcfg is not None: mkw.update(quantization_config=qcfg, device_map={"": dev.index or 0} if dev.type == "cuda" else {"": str(dev)})
+    if qcfg is not None: mkw["quantization_config"] = qcfg
+    if dev.type == "cuda" or qcfg is not None:       # load straight onto the GPU: a 7B model never visits CPU RAM
+        mkw["device_map"] = {"": (dev.index or 0) if dev.type == "cuda" else str(dev)}
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     if src.kind != "hub": hf_logging.disable_progress_bar()   # a bar for reading a local file is noise
@@ -187,7 +189,7 @@ def load_model(name_or_path: str | Path = "smollm2", *, device: str | torch.devi
         raise
     finally:
         if bars: hf_logging.enable_progress_bar()
-    if qcfg is None: model.to(dev)
+    if "device_map" not in mkw: model.to(dev)
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
