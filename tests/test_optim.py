@@ -11,12 +11,7 @@ from gslm.optim import (GD, SCHEDULES, SGD, Adam, AdamW, Newton, Schedule, flat_
                         make_scheduler)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny tensors: one torch thread is faster and avoids contention on a shared machine."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: see conftest.py
 
 
 CONFIGS = {
