@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Execute course notebooks in place, the way they are committed.
 
-Cells marked `#| gpu` are skipped when no CUDA GPU is present (nbdev_test skips them the same way), and
-the notebook keeps their source with no output. Usage: python .ci/execute_nbs.py nbs/00_setup/01_models.ipynb ...
+Cells marked `#| gpu` are skipped when no CUDA GPU is present, and cells marked `#| slow` or `#| notest` are
+always skipped (as nbdev_test skips them): they keep whatever output they have (e.g. from a run on a GPU). Run a slow
+cell by hand when you mean to (e.g. the full pretraining run that writes data/models/gslm-tiny). Usage: python .ci/execute_nbs.py nbs/00_setup/01_models.ipynb ...
 """
 import re, sys, time
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-_FLAG = re.compile(r"^\s*#\|\s*(gpu|notest)\b", re.M)
+_FLAG = re.compile(r"^\s*#\|\s*(gpu|notest|slow)\b", re.M)
 
 def execute(path: Path, timeout: int = 1200) -> float:
     try:
@@ -22,7 +23,6 @@ def execute(path: Path, timeout: int = 1200) -> float:
         if cell.cell_type == "code" and _FLAG.search(cell.source) and not (has_gpu and "gpu" in _FLAG.search(cell.source).group(1)):
             tags = cell.metadata.setdefault("tags", [])
             if "skip-execution" not in tags: tags.append("skip-execution"); skipped.append(cell)
-            cell.outputs, cell.execution_count = [], None
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     for cell in skipped:
