@@ -17,7 +17,8 @@ import torch.nn.functional as F
 __all__ = ['METHODS', 'trainable_parameters', 'count_parameters', 'freeze', 'freeze_all_but', 'apply_bitfit', 'AdapterConfig',
            'Adapter', 'apply_adapters', 'LoRAConfig', 'LoRALinear', 'apply_lora', 'merge_lora', 'unmerge_lora',
            'copy_peft_weights', 'IA3Config', 'IA3Linear', 'apply_ia3', 'PromptConfig', 'PromptTuning', 'PrefixConfig',
-           'PrefixTuning', 'prefix_from_peft', 'greedy_generate', 'apply_method']
+           'PrefixTuning', 'prefix_from_peft', 'greedy_generate', 'apply_method', 'trainable_state_dict',
+           'load_trainable_state_dict']
 
 # %% ../nbs/03_finetuning/31_peft.ipynb #77a1711a
 def trainable_parameters(model: nn.Module) -> int:
@@ -305,3 +306,20 @@ def apply_method(model: nn.Module, method: str, **cfg) -> nn.Module:
     if method == "bitfit": return apply_bitfit(model)
     return {"adapter": apply_adapters, "lora": apply_lora, "ia3": apply_ia3,
             "prefix": PrefixTuning, "prompt": PromptTuning}[method](model, conf)
+
+# %% ../nbs/03_finetuning/31_peft.ipynb #4d054c56
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    "The trained parameters of `model` only (what a PEFT checkpoint needs), detached and on the CPU."
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    "Load `trainable_state_dict` output into a model prepared with the same method and config."
+    params = dict(model.named_parameters())
+    want = {n for n, p in params.items() if p.requires_grad}
+    missing, extra = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or extra:
+        raise KeyError(f"load_trainable_state_dict: the model was not prepared like the saved one (missing {missing[:3]}, "
+                       f"unexpected {extra[:3]}); call apply_method with the same method and config first.")
+    with torch.no_grad():
+        for n, t in state.items(): params[n].copy_(t)
+    return model

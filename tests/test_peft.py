@@ -165,3 +165,20 @@ def test_greedy_generate_equals_generate(batch):
     g = theirs.generate(input_ids=x[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(greedy_generate(ours, x[:1], max_new_tokens=5), g)
     assert not torch.equal(greedy_generate(plain, x[:1], max_new_tokens=5), g)
+
+
+def test_trainable_state_dict_roundtrip(batch):
+    from gslm.peft import load_trainable_state_dict, trainable_state_dict
+    x, mask = batch
+    for meth in ("lora", "ia3", "adapter", "prefix", "prompt"):
+        torch.manual_seed(1)
+        src = apply_method(tiny_model("llama"), meth)
+        with torch.no_grad():
+            for p in src.parameters():
+                if p.requires_grad: p.add_(torch.randn_like(p) * 0.1)
+        sd = trainable_state_dict(src)
+        dst = load_trainable_state_dict(apply_method(tiny_model("llama"), meth), sd)
+        src.eval(); dst.eval()
+        with torch.no_grad(): assert_close(dst(x, attention_mask=mask).logits, src(x, attention_mask=mask).logits)
+    with pytest.raises(KeyError, match="not prepared like"):
+        load_trainable_state_dict(apply_method(tiny_model("llama"), "ia3"), sd)
