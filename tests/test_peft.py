@@ -69,6 +69,23 @@ def test_lora_equals_peft_and_merges(batch):
     assert_close(ours.model.layers[0].self_attn.q_proj.base.weight, w0)
 
 
+def test_lora_gradients_equal_peft(batch):
+    x, mask = batch
+    base = tiny_model("llama")
+    ours = apply_lora(copy.deepcopy(base), LoRAConfig(r=4, alpha=8))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n: nn.init.normal_(p, std=0.1)
+    copy_peft_weights(ours, theirs)
+    ours(x, attention_mask=mask, labels=x).loss.backward()
+    theirs(input_ids=x, attention_mask=mask, labels=x).loss.backward()
+    mine = dict(ours.named_parameters())
+    for n, p in theirs.named_parameters():
+        if p.requires_grad:
+            assert_close(mine[n.replace("base_model.model.", "", 1).replace(".default", "")].grad, p.grad)
+
+
 def test_ia3_equals_peft(batch):
     x, _ = batch
     base = tiny_model("llama")
