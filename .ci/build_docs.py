@@ -160,6 +160,10 @@ def stage_notebook(nb: dict, flags: set[str]) -> dict:
         cell_flags = sorted(flags & dirs.keys())
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
         tags.extend(f for f in cell_flags if f not in tags and f != "notest")  # shown as badges: gpu, slow
+        if "export" in dirs and not dirs["export"].strip():
+            # A course shows its code: an exported cell's source stays on the page (nbdev's `exports`),
+            # followed by the API card nbdev adds for each exported name.
+            src = re.sub(r"^(#\|\s*)export[ \t]*$", r"\1exports", src, count=1, flags=re.M)
         if dirs.keys() & DEF_DIRECTIVES or dirs.get("eval", "").lower() == "false":
             pass                                           # library code (must run) / already skipped
         elif cell_flags:
