@@ -283,13 +283,15 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, accelerato
 def get_accelerator(mixed_precision: str = "no"):
     "An `accelerate.Accelerator`; in a single process its global state is reset when the precision changes between runs."
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision={mixed_precision!r}: choose one of {MIXED_PRECISION}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    multi_cpu = world > 1 and not torch.cuda.is_available()   # torchrun on CPUs: accelerate needs cpu=True to use gloo
     st = AcceleratorState._shared_state
-    if st and st.get("_mixed_precision", mixed_precision) != mixed_precision and PartialState().num_processes == 1:
+    if st and world == 1 and st.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision=mixed_precision, cpu=multi_cpu)
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, collator: Callable | None = None, batch_size: int = 8, *, accelerator=None) -> float:

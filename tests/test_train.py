@@ -127,3 +127,32 @@ def test_same_losses_as_transformers_trainer(tmp_path):
     torch.testing.assert_close(torch.tensor(h.loss, dtype=torch.float64), torch.tensor([float(x) for x in hf_loss], dtype=torch.float64), atol=2e-4, rtol=0)
     for k, v in params(theirs).items():
         torch.testing.assert_close(params(ours)[k], v, atol=1e-5, rtol=1e-4, msg=f"{k} differs from Trainer's")
+
+
+DDP_SCRIPT = DATA + textwrap.dedent('''
+    import sys, torch
+    torch.set_num_threads(1)
+    from gslm.models import tiny_model
+    from gslm.train import TrainConfig, fit, get_accelerator
+    m = tiny_model("llama", seed=0)
+    h = fit(m, make_examples(32), config=TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=1e-3, shuffle=False, progress_bar=False))
+    acc = get_accelerator()
+    assert acc.num_processes == 2, f"expected 2 processes, got {acc.num_processes}"
+    if acc.is_main_process: torch.save({"weights": m.state_dict(), "loss": h.loss, "tokens": h.tokens}, sys.argv[1])
+''')
+
+
+def test_two_processes_equal_one(tmp_path):
+    "torchrun with 2 CPU processes (gloo DDP), micro-batches of 2 = one process with micro-batches of 4."
+    script = tmp_path / "ddp.py"; script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GSLM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    m = tiny_model("llama", seed=0)
+    h = fit(m, make_examples(32), config=TrainConfig(max_steps=3, batch_size=4, grad_accum=2, lr=1e-3, shuffle=False, progress_bar=False))
+    assert got["tokens"] == h.tokens
+    torch.testing.assert_close(got["loss"], h.loss, atol=1e-5, rtol=0)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(got["weights"][k], v, atol=1e-5, rtol=0, msg=f"{k} differs between 2 processes and 1")
