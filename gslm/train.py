@@ -364,9 +364,12 @@ def fit(model: nn.Module, train_data, *, eval_data=None, collator: Callable | No
     if evals and ("segment_ids" in evals[0]) != ("segment_ids" in train[0]): eval_collator = default_collator(model, evals)
     micro_batch_indices(0, len(train), cfg.batch_size, num_processes=P)          # fail early if the data is too small
     if cfg.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError("gradient_checkpointing=True needs a transformers model (gradient_checkpointing_enable)")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):         # transformers ≥ 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raise ValueError("gradient_checkpointing=True needs a transformers model (activation_checkpointing_enable)")
         if getattr(model, "config", None) is not None: model.config.use_cache = False
     model.to(dev).train()
     optimizer = make_optimizer(model, cfg)

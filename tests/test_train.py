@@ -56,6 +56,24 @@ def test_packed_rows_train():
     assert sum(h.tokens) <= sum(len(e["input_ids"]) for e in data)
 
 
+def test_bad_input_and_logging(tmp_path):
+    with pytest.raises(ValueError, match="choose one of"): TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="output_dir"): TrainConfig(save_every=5)
+    with pytest.raises(ValueError, match="lower batch_size"):
+        fit(tiny_model("llama"), make_examples(3), config=TrainConfig(batch_size=4, progress_bar=False))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fit(tiny_model("llama"), make_examples(8), config=TrainConfig(batch_size=4, resume_from=str(tmp_path / "nope"), progress_bar=False))
+    m = tiny_model("llama")
+    h = fit(m, make_examples(16), eval_data=make_examples(4, seed=1),
+            config=TrainConfig(max_steps=4, batch_size=4, output_dir=str(tmp_path / "r"), eval_every=2, gradient_checkpointing=True,
+                               progress_bar=False))
+    assert m.is_gradient_checkpointing
+    lines = (tmp_path / "r" / "log.csv").read_text().splitlines()
+    assert lines[0].startswith("step,loss,eval_loss") and len(lines) == 5
+    assert lines[2].split(",")[2] != "" and lines[1].split(",")[2] == ""     # eval loss on steps 2 and 4 only
+    df = h.to_frame(); assert list(df.index) == [1, 2, 3, 4] and df["eval_loss"].notna().sum() == 2
+
+
 SCRIPT = DATA + textwrap.dedent('''
     import sys, time, torch
     torch.set_num_threads(1)
