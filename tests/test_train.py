@@ -67,7 +67,7 @@ def test_bad_input_and_logging(tmp_path):
     h = fit(m, make_examples(16), eval_data=make_examples(4, seed=1),
             config=TrainConfig(max_steps=4, batch_size=4, output_dir=str(tmp_path / "r"), eval_every=2, gradient_checkpointing=True,
                                progress_bar=False))
-    assert m.is_gradient_checkpointing
+    assert m.is_activation_checkpointing
     lines = (tmp_path / "r" / "log.csv").read_text().splitlines()
     assert lines[0].startswith("step,loss,eval_loss") and len(lines) == 5
     assert lines[2].split(",")[2] != "" and lines[1].split(",")[2] == ""     # eval loss on steps 2 and 4 only
