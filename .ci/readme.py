@@ -15,7 +15,8 @@ HEADER = "<!-- generated from nbs/index.ipynb by .ci/readme.py: edit the noteboo
 
 def _fix_links(md: str) -> str:
     # [text](00_setup/00_core.ipynb) -> [text](nbs/00_setup/00_core.ipynb); leave absolute URLs and anchors alone
-    return re.sub(r"\]\((?!https?://|#|/|nbs/)([^)\s]+\.ipynb)\)", r"](nbs/\1)", md)
+    md = re.sub(r"\]\((?!https?://|#|/|nbs/)([^)\s]+\.ipynb)\)", r"](nbs/\1)", md)
+    return re.sub(r"\]\(\.\./([^)\s]+)\)", r"](\1)", md)       # ../images/x.png (from nbs/) -> images/x.png
 
 def _text_output(outputs) -> str:
     parts = []
