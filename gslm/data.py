@@ -783,7 +783,17 @@ def encode_texts(texts: Sequence[str], tokenizer, chunk: int = 4096) -> list[lis
     texts = list(texts)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch"):
-        return [e.ids for i in range(0, len(texts), chunk) for e in backend.encode_batch(texts[i:i + chunk], add_special_tokens=False)]
+        # a call like tokenizer(texts, padding=True) leaves padding (and truncation) switched on in the Rust backend:
+        # switch them off while we encode, or every text would come back padded to the longest of its chunk
+        pad, trunc = backend.padding, backend.truncation
+        if pad is not None: backend.no_padding()
+        if trunc is not None: backend.no_truncation()
+        try:
+            return [e.ids for i in range(0, len(texts), chunk)
+                    for e in backend.encode_batch(texts[i:i + chunk], add_special_tokens=False)]
+        finally:
+            if pad is not None: backend.enable_padding(**pad)
+            if trunc is not None: backend.enable_truncation(**trunc)
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 def tokenize_pairs(prompts: Sequence[str], completions: Sequence[str], tokenizer, *, completion_only: bool = True,

@@ -366,3 +366,25 @@ def test_encode_texts_equals_the_tokenizer_call(smollm2):
     class NoBackend:                                              # a tokenizer without a fast backend takes the plain call
         def __call__(self, t, **kw): return tok(t, **kw)
     assert encode_texts(texts, NoBackend()) == want
+
+def test_encode_texts_ignores_padding_left_on_by_an_earlier_tokenizer_call():
+    # transformers leaves padding/truncation switched on in the Rust backend after tokenizer(..., padding=True):
+    # encode_texts must not pad (a padded completion taught a model to answer with a run of end tokens)
+    from gslm.models import load_model
+    from gslm.data import encode_texts
+    _, tok = load_model("gslm-tiny")
+    texts = ["a", "hello there world", "x y"]
+    clean = encode_texts(texts, tok)
+    side = tok.padding_side
+    try:
+        tok.padding_side = "left"
+        tok(["x", "y z w v u"], padding=True, truncation=True, max_length=3)
+        assert tok.backend_tokenizer.padding is not None
+        test = encode_texts(texts, tok)
+        assert test == clean and len({len(t) for t in test}) > 1
+        assert tokenize_pairs(["p q r", "p"], ["a", "b c d e"], tok)["input_ids"] == [
+            encode_texts(["p q r"], tok)[0] + encode_texts(["a"], tok)[0] + [tok.eos_token_id],
+            encode_texts(["p"], tok)[0] + encode_texts(["b c d e"], tok)[0] + [tok.eos_token_id]]
+        assert tok.backend_tokenizer.padding is not None      # the caller's setting is restored
+    finally:
+        tok.backend_tokenizer.no_padding(); tok.backend_tokenizer.no_truncation(); tok.padding_side = side
