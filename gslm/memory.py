@@ -16,11 +16,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .core import human_bytes
 
 # %% auto #0
-__all__ = ['DTYPE_BYTES', 'LLAMA_CONFIGS', 'LORA_ALL_LINEAR', 'MODES', 'COMPONENTS', 'OPTIMIZER_STATES', 'dtype_bytes',
-           'ModelShape', 'shape_from_dict', 'model_shape', 'nf4_bytes_per_param', 'weight_bytes',
+__all__ = ['DTYPE_BYTES', 'LLAMA_CONFIGS', 'LORA_ALL_LINEAR', 'MODES', 'OPTIMIZER_IMPLS', 'COMPONENTS', 'OPTIMIZER_STATES',
+           'dtype_bytes', 'ModelShape', 'shape_from_dict', 'model_shape', 'nf4_bytes_per_param', 'weight_bytes',
            'kv_cache_bytes_per_token', 'kv_cache_bytes', 'lora_params', 'saved_activations', 'activation_bytes',
            'MemoryTracker', 'measure_training_step', 'measure_inference', 'optimizer_bytes_per_param',
-           'MemoryBreakdown', 'plot_memory', 'ZeroMemory', 'zero_memory', 'estimate_memory', 'peak_rss']
+           'MemoryBreakdown', 'plot_memory', 'ZeroMemory', 'zero_memory', 'estimate_memory', 'peak_rss',
+           'measure_memory_breakdown']
 
 # %% ../nbs/01_theory/15_hardware.ipynb #1fb45c31
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float": 4, "tf32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
@@ -335,6 +336,17 @@ class MemoryTracker(TorchDispatchMode):
         return ax
 
 # %% ../nbs/01_theory/15_hardware.ipynb #dcda662d
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+def _make_optimizer_states(optimizer: torch.optim.Optimizer) -> None:
+    "Create the optimizer states as a first step would, with zero gradients, without running the model."
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if p.requires_grad: p.grad = torch.zeros_like(p)
+    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
 def measure_training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None, *,
                           warmup: int = 0, autocast_dtype: torch.dtype | None = None) -> MemoryTracker:
     "Track the tensor memory of one steady-state training step (forward, backward, optimizer step) of `model` on `batch`."
@@ -342,7 +354,7 @@ def measure_training_step(model: nn.Module, batch: dict, optimizer: torch.optim.
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
     def step(tr=None):
-        with torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+        with torch.autocast(_device_of(model).type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
             loss = model(**batch).loss
         if tr: tr.mark("forward")
         loss.backward()
@@ -350,11 +362,7 @@ def measure_training_step(model: nn.Module, batch: dict, optimizer: torch.optim.
         optimizer.step(); optimizer.zero_grad(set_to_none=True)
         if tr: tr.mark("optimizer")
     for _ in range(warmup): step()
-    if not optimizer.state:     # make the optimizer states as a first step would, without running the model
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                if p.requires_grad: p.grad = torch.zeros_like(p)
-        optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    if not optimizer.state: _make_optimizer_states(optimizer)
     tr = MemoryTracker(model, optimizer, batch)
     with tr: step(tr)
     return tr
@@ -371,6 +379,7 @@ def measure_inference(model: nn.Module, input_ids: torch.Tensor) -> tuple:
 
 # %% ../nbs/01_theory/15_hardware.ipynb #78ead09c
 MODES = ("inference", "full", "lora", "qlora")
+OPTIMIZER_IMPLS = ("for-loop", "foreach", "fused")   # how PyTorch's Adam/AdamW runs its step (see below)
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "other")
 OPTIMIZER_STATES = {"adamw": (2, None), "adam": (2, None), "sgd": (0, None), "momentum": (1, None), "sgd_momentum": (1, None),
                     "lion": (1, None), "adamw_8bit": (2, 1 + 4 / 2048), "paged_adamw_8bit": (2, 1 + 4 / 2048)}
@@ -474,9 +483,12 @@ def estimate_memory(model_or_config, *, mode: str = "inference", batch_size: int
                     n_devices: int = 1, gradient_checkpointing: bool = False, lora_rank: int = 16,
                     lora_targets=LORA_ALL_LINEAR, adapter_dtype="fp32", weight_dtype: str | None = None,
                     attention: str = "sdpa", kv_cache: bool | None = None, double_quant: bool = True,
-                    extra_bytes: float = 0) -> MemoryBreakdown:
+                    optimizer_impl: str = "for-loop", extra_bytes: float = 0) -> MemoryBreakdown:
     "Estimate per-device memory of inference or of a full / LoRA / QLoRA training step, from a model, a config or a config dict."
     if mode not in MODES: raise ValueError(f"mode={mode!r}: use one of {MODES}.")
+    if optimizer_impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer_impl={optimizer_impl!r}: use one of {OPTIMIZER_IMPLS} ('for-loop' is PyTorch's "
+                         "default on a CPU, 'foreach' on a GPU; 'fused' for AdamW(fused=True)).")
     if batch_size < 1 or seq_len < 1: raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: both must be at least 1.")
     s = model_shape(model_or_config)
     b = dtype_bytes(dtype)
@@ -497,7 +509,7 @@ def estimate_memory(model_or_config, *, mode: str = "inference", batch_size: int
         grads = trainable * wb
         opt = trainable * (optimizer_bytes_per_param(optimizer, "fp32" if mp != "none" else dtype) + (4 if mp == "master" else 0))
         if mp == "autocast" and mode == "full":    # autocast caches a 16-bit copy of every weight a matmul uses
-            other += (s.quantizable_params + (0 if s.tie_word_embeddings else s.vocab_size * s.hidden_size)) * b
+            other += (s.quantizable_params + s.vocab_size * s.hidden_size) * b      # the output head's too (tied or not)
     else:
         base = weight_bytes(s, dtype, quantized="nf4" if mode == "qlora" else None, double_quant=double_quant)
         trainable = lora_params(s, lora_rank, lora_targets)
@@ -512,10 +524,15 @@ def estimate_memory(model_or_config, *, mode: str = "inference", batch_size: int
     z = zero_memory(1, zero_stage, n_devices, weight_bytes=weights, grad_bytes=grads, k=opt)
     details = dict(dtype=str(dtype), mixed_precision=mp, batch_size=batch_size, seq_len=seq_len, zero_stage=zero_stage,
                    n_devices=n_devices, gradient_checkpointing=gradient_checkpointing, activations=acts)
-    if trainable and optimizer_bytes_per_param(optimizer) > 0:    # the for-loop AdamW's two largest-tensor temporaries
-        lin = s.linears().values()
-        big = max(s.vocab_size * s.hidden_size, *(a * c for a, c in lin)) if mode == "full" else lora_rank * max(max(a, c) for a, c in lin)
-        details["optimizer_scratch"] = 2 * big * (grads / trainable) / (n_devices if zero_stage >= 1 else 1)
+    if trainable and optimizer_bytes_per_param(optimizer) > 0 and optimizer_impl != "fused":
+        shard = n_devices if zero_stage >= 1 else 1
+        if optimizer_impl == "for-loop":      # two temporaries the size of the largest tensor
+            lin = s.linears().values()
+            big = max(s.vocab_size * s.hidden_size, *(a * c for a, c in lin)) if mode == "full" else lora_rank * max(max(a, c) for a, c in lin)
+            details["optimizer_scratch"] = 2 * big * (grads / trainable) / shard
+        else:                                 # foreach: one temporary (sqrt of the variances) for all parameters at once
+            state_bytes = (4 if mp != "none" else b) if mode == "full" else dtype_bytes(adapter_dtype)
+            details["optimizer_scratch"] = trainable * state_bytes / shard
     return MemoryBreakdown(s.name, mode, z.weights, z.gradients, z.optimizer, float(sum(acts.values())), float(kv), other,
                            P, trainable, details)
 
@@ -549,3 +566,57 @@ def peak_rss(code: str, timeout: float = 600, env: dict | None = None) -> dict:
     d = json.loads(line[-1][len("GSLM_RSS "):])
     return dict(d, increase=d["peak"] - d["baseline"],
                 stdout="\n".join(l for l in r.stdout.splitlines() if not l.startswith("GSLM_RSS ")))
+
+# %% ../nbs/01_theory/15_hardware.ipynb #d8c6426d
+def _storage_bytes(tensors) -> int:
+    "Bytes of the distinct storages behind `tensors` (tied or viewed tensors counted once)."
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage(); seen[(str(t.device), st.data_ptr())] = st.nbytes()
+    return sum(seen.values())
+
+def measure_memory_breakdown(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None, *,
+                             autocast_dtype: torch.dtype | None = None) -> dict:
+    "Measure a steady-state training step by component (bytes): weights, optimizer, gradients, activations, peak — CUDA's allocator on a GPU, a `MemoryTracker` elsewhere."
+    dev = _device_of(model)
+    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if optimizer is None: optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+    def forward():
+        with torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+            return model(**batch).loss
+    optimizer.zero_grad(set_to_none=True)
+    cuda = dev.type == "cuda"
+    if cuda:                      # warm-up: optimizer states, cuBLAS workspaces, kernel caches
+        forward().backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    elif not optimizer.state: _make_optimizer_states(optimizer)
+    weights = _storage_bytes([*model.parameters(), *model.buffers()])
+    states = _storage_bytes(_tensors_of(optimizer))
+    extra = {}
+    if cuda:
+        torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev)
+        start = torch.cuda.memory_allocated(dev)
+        loss = forward(); loss.backward(); torch.cuda.synchronize(dev)
+        acts, grads = torch.cuda.max_memory_allocated(dev) - start, torch.cuda.memory_allocated(dev) - start
+        del loss
+        optimizer.step(); optimizer.zero_grad(set_to_none=True); torch.cuda.synchronize(dev)
+        above = torch.cuda.max_memory_allocated(dev) - start
+        extra = dict(allocated_at_start=start, max_allocated=torch.cuda.max_memory_allocated(dev),
+                     max_reserved=torch.cuda.max_memory_reserved(dev))
+    else:
+        tr = MemoryTracker(model, optimizer, batch)
+        with tr:
+            loss = forward(); loss.backward()
+            acts, grads = tr.peak - tr.baseline, tr.live - tr.baseline
+            del loss
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+        above = tr.peak - tr.baseline
+    return dict(weights=weights, optimizer=states, gradients=grads, activations=acts, peak=weights + states + above, **extra)
+
+def _compare(est: MemoryBreakdown, measured: dict) -> dict:
+    "Estimated and measured bytes side by side; the forward + backward peak is estimated as max(activations + other, gradients)."
+    e = dict(weights=est.weights, gradients=est.gradients, optimizer=est.optimizer,
+             **{"forward + backward": max(est.activations + est.other, est.gradients)}, peak=est.total)
+    m = dict(measured, **{"forward + backward": measured["activations"]})
+    return {c: (e[c], m[c]) for c in e}

@@ -78,7 +78,12 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.weight); nn.init.zeros_(self.up.bias)
     def forward(self, x, *args, **kwargs):
         y = self.base(x, *args, **kwargs)
-        return y + self.up(self.act(self.down(y)))
+        h = y.to(self.down.weight.dtype)                  # a no-op unless the base is quantized (then fp32 adapters)
+        return y + self.up(self.act(self.down(h))).to(y.dtype)
+
+def _like(new: nn.Module, weight: torch.Tensor) -> nn.Module:
+    "Move new trainable parts to the device of a frozen `weight`, and to its dtype when it is a float (a 4-bit/8-bit base keeps them in fp32)."
+    return new.to(weight.device, weight.dtype) if weight.is_floating_point() else new.to(weight.device)
 
 def _replace(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition(".")
@@ -99,8 +104,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig = AdapterConfig()) ->
     targets = [config.mlp_module] + ([config.attn_module] if config.placement == "houlsby" else [])
     for name in _matching_linears(model, targets):
         lin = model.get_submodule(name)
-        _replace(model, name, Adapter(lin, lin.out_features, config.bottleneck, config.activation)
-                 .to(lin.weight.device, lin.weight.dtype))
+        _replace(model, name, _like(Adapter(lin, lin.out_features, config.bottleneck, config.activation), lin.weight))
     return model
 
 # %% ../nbs/03_finetuning/31_peft.ipynb #d172a5d7
@@ -129,14 +133,21 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = self.base(x)
         if self.merged: return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        a = self.dropout(x).to(self.lora_A.weight.dtype)   # a no-op unless the base is quantized (then fp32 adapters)
+        return y + (self.lora_B(self.lora_A(a)) * self.scaling).to(y.dtype)
+    def _check_mergeable(self):
+        if not self.base.weight.is_floating_point():
+            raise TypeError(f"can't merge LoRA into a {self.base.weight.dtype} (quantized) base weight: keep the adapters "
+                            "separate, or load the base model unquantized (dtype=torch.bfloat16) to merge.")
     @torch.no_grad()
     def merge(self):
         "Add the update into the base weight (no extra cost at inference)."
+        self._check_mergeable()
         if not self.merged: self.base.weight += self.delta_weight().to(self.base.weight.dtype); self.merged = True
     @torch.no_grad()
     def unmerge(self):
         "Subtract the update from the base weight again."
+        self._check_mergeable()
         if self.merged: self.base.weight -= self.delta_weight().to(self.base.weight.dtype); self.merged = False
 
 def apply_lora(model: nn.Module, config: LoRAConfig = LoRAConfig()) -> nn.Module:
@@ -144,7 +155,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig = LoRAConfig()) -> nn.Module
     freeze(model)
     for name in _matching_linears(model, config.target_modules):
         lin = model.get_submodule(name)
-        _replace(model, name, LoRALinear(lin, config.r, config.alpha, config.dropout).to(lin.weight.device, lin.weight.dtype))
+        _replace(model, name, _like(LoRALinear(lin, config.r, config.alpha, config.dropout), lin.weight))
     return model
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -187,7 +198,9 @@ class IA3Linear(nn.Module):
         self.base, self.feedforward = base, feedforward
         self.ia3_l = nn.Parameter(torch.ones(base.in_features if feedforward else base.out_features))
     def forward(self, x):
-        return self.base(x * self.ia3_l) if self.feedforward else self.base(x) * self.ia3_l
+        if self.feedforward: return self.base((x * self.ia3_l).to(x.dtype))
+        y = self.base(x)
+        return (y * self.ia3_l).to(y.dtype)                # casts are no-ops unless the base is quantized
 
 def apply_ia3(model: nn.Module, config: IA3Config = IA3Config()) -> nn.Module:
     "Freeze `model` and wrap its `target_modules` linears with IA3 scaling vectors."
@@ -196,7 +209,7 @@ def apply_ia3(model: nn.Module, config: IA3Config = IA3Config()) -> nn.Module:
     freeze(model)
     for name in _matching_linears(model, config.target_modules):
         lin = model.get_submodule(name)
-        _replace(model, name, IA3Linear(lin, name.split(".")[-1] in config.feedforward_modules).to(lin.weight.device, lin.weight.dtype))
+        _replace(model, name, _like(IA3Linear(lin, name.split(".")[-1] in config.feedforward_modules), lin.weight))
     return model
 
 # %% ../nbs/03_finetuning/31_peft.ipynb #b29cfb49
@@ -242,7 +255,8 @@ class PrefixTuning(nn.Module):
         self.model, self.n = freeze(model), config.num_virtual_tokens
         kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.prefix = nn.Parameter(torch.randn(c.num_hidden_layers, 2, kv, self.n, hd) * 0.02)
+        dev = model.get_input_embeddings().weight.device   # drawn on the CPU (the same numbers everywhere), kept by the model
+        self.prefix = nn.Parameter((torch.randn(c.num_hidden_layers, 2, kv, self.n, hd) * 0.02).to(dev))
     @property
     def config(self): return self.model.config
     def make_cache(self, batch_size: int):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gslm.memory import (LLAMA_CONFIGS, MemoryTracker, ModelShape, activation_bytes, dtype_bytes, estimate_memory,
+                         measure_memory_breakdown,
                          kv_cache_bytes, kv_cache_bytes_per_token, lora_params, measure_inference, measure_training_step,
                          model_shape, nf4_bytes_per_param, peak_rss, plot_memory, saved_activations, weight_bytes, zero_memory)
 from gslm.models import tiny_model
@@ -263,3 +264,36 @@ def test_breakdown_frame_and_plot():
     assert abs(df.loc["weights", "GiB"] - 12.55) < 0.01
     ax = plot_memory({"a": e, "b": estimate_memory("llama-2-7b", mode="qlora")}, measured={"a": e.total})
     assert len(ax.patches) > 0
+
+
+# ---------------------------------------------------------------- the step by component; the optimizer's implementation
+@pytest.mark.parametrize("bs,sl,autocast", [(4, 256, False), (4, 256, True), (1, 32, False)])
+def test_measure_memory_breakdown_matches_the_estimate(bs, sl, autocast):
+    m = tiny_model("llama", **TINY)
+    mb = measure_memory_breakdown(m, batch(1024, bs, sl), autocast_dtype=torch.bfloat16 if autocast else None)
+    e = estimate_memory(m, mode="full", dtype="bf16" if autocast else "fp32", mixed_precision="autocast" if autocast else "none",
+                        batch_size=bs, seq_len=sl)
+    assert 0 <= mb["weights"] - e.weights <= 1024 and 0 <= mb["optimizer"] - e.optimizer <= 8 * len(list(m.parameters()))
+    assert abs(mb["gradients"] - e.gradients) <= 16                      # + the 4-byte loss
+    fwd_bwd = max(e.activations + e.other, e.gradients)                  # large batch: activations; small: the gradients
+    assert abs(fwd_bwd / mb["activations"] - 1) < 0.02 and abs(e.total / mb["peak"] - 1) < 0.02, (mb, e)
+
+
+def test_autocast_copy_of_a_tied_head_is_counted():
+    "autocast caches a 16-bit copy of the output head's weight for its matmul whether or not it is tied to the embedding."
+    m = tiny_model("llama", **TINY, tie_word_embeddings=True)
+    mb = measure_memory_breakdown(m, batch(1024, 4, 256), autocast_dtype=torch.bfloat16)
+    e = estimate_memory(m, mode="full", dtype="bf16", mixed_precision="autocast", batch_size=4, seq_len=256)
+    assert e.other == (model_shape(m).quantizable_params + 1024 * 128) * 2
+    assert abs(e.total / mb["peak"] - 1) < 0.01
+
+
+def test_optimizer_impl_scratch():
+    kw = dict(mode="full", dtype="fp32", batch_size=1, seq_len=16)
+    P = model_shape("llama-2-7b").params
+    loop, each, fused = (estimate_memory("llama-2-7b", optimizer_impl=i, **kw) for i in ("for-loop", "foreach", "fused"))
+    assert each.details["optimizer_scratch"] == 4 * P                     # one fp32 temporary for every parameter
+    assert loop.details["optimizer_scratch"] == 2 * 4 * 32000 * 4096      # two the size of the largest tensor (the embedding)
+    assert "optimizer_scratch" not in fused.details
+    assert each.total > loop.total > fused.total
+    with pytest.raises(ValueError, match="optimizer_impl"): estimate_memory("llama-2-7b", optimizer_impl="vectorized")

@@ -199,3 +199,19 @@ def test_trainable_state_dict_roundtrip(batch):
         with torch.no_grad(): assert_close(dst(x, attention_mask=mask).logits, src(x, attention_mask=mask).logits)
     with pytest.raises(KeyError, match="not prepared like"):
         load_trainable_state_dict(apply_method(tiny_model("llama"), "ia3"), sd)
+
+
+def test_adapters_on_a_4bit_base_stay_float_and_train():
+    "QLoRA: on a bitsandbytes 4-bit base (packed uint8 weights) the adapters are fp32, get gradients, and merging refuses."
+    from gslm.models import load_model
+    for method in ("lora", "ia3", "adapter"):
+        m, tok = load_model("gslm-tiny", device="cpu", quantization="4bit", dtype=torch.bfloat16)
+        m = apply_method(m, method)
+        x = tok("To be, or not to be", return_tensors="pt").input_ids
+        out = m(x, labels=x)
+        assert out.logits.dtype == torch.bfloat16                  # the adapters cast back to the base's dtype
+        out.loss.backward()
+        trained = [p for p in m.parameters() if p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 and p.grad is not None for p in trained), method
+    q = apply_lora(load_model("gslm-tiny", device="cpu", quantization="4bit")[0])
+    with pytest.raises(TypeError, match="quantized"): merge_lora(q)
