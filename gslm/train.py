@@ -128,8 +128,10 @@ def default_collator(model: nn.Module, examples: Sequence[dict]) -> Callable:
 def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     "Summed next-token cross-entropy over the labelled tokens of `batch` (fp32) and their number."
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
-    logits = model(**inputs).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    logits = model(**inputs).logits
+    L = batch["labels"].shape[1]
+    if logits.shape[1] > L: logits = logits[:, -L:]      # prompt tuning prepends virtual tokens: keep the real positions
+    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (labels != IGNORE_INDEX).sum()
 
@@ -245,7 +247,11 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
     torch.save(_rng_state(), tmp / f"rng_{rank}.pt")
     if main:
         raw = accelerator.unwrap_model(model) if accelerator is not None else model
-        torch.save(raw.state_dict(), tmp / "model.pt")
+        params = dict(raw.named_parameters())
+        sd = raw.state_dict()
+        if any(not p.requires_grad for p in params.values()):   # PEFT: only what trains changes (megabytes, not the whole model)
+            sd = {k: v for k, v in sd.items() if k in params and params[k].requires_grad}
+        torch.save(sd, tmp / "model.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         state = {"step": step, "history": asdict(history), "config": asdict(config) if config is not None else None}
@@ -269,7 +275,12 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, accelerato
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json): pick one of list_checkpoints()")
     dev = accelerator.device if accelerator is not None else next(model.parameters()).device
     raw = accelerator.unwrap_model(model) if accelerator is not None else model
-    raw.load_state_dict(torch.load(path / "model.pt", map_location=dev, weights_only=True))
+    res = raw.load_state_dict(torch.load(path / "model.pt", map_location=dev, weights_only=True), strict=False)
+    params = dict(raw.named_parameters())
+    missing = [k for k in res.missing_keys if k not in params or params[k].requires_grad]   # frozen weights come from the base model
+    if missing or res.unexpected_keys:
+        raise KeyError(f"{path}: the checkpoint does not fit this model (missing {missing[:3]}, unexpected {res.unexpected_keys[:3]}); "
+                       "prepare the model exactly as in the interrupted run (same method and options) before resuming")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rank = 0 if accelerator is None else accelerator.process_index

@@ -174,3 +174,33 @@ def test_two_processes_equal_one(tmp_path):
     torch.testing.assert_close(got["loss"], h.loss, atol=1e-5, rtol=0)
     for k, v in m.state_dict().items():
         torch.testing.assert_close(got["weights"][k], v, atol=1e-5, rtol=0, msg=f"{k} differs between 2 processes and 1")
+
+
+def test_peft_checkpoints_hold_only_what_trains_and_resume_exactly(tmp_path):
+    from gslm.peft import apply_method
+    def run(max_steps, out, resume=None):
+        torch.manual_seed(0)
+        m = apply_method(tiny_model("llama", seed=0), "lora", r=2, alpha=4)
+        cfg = TrainConfig(max_steps=max_steps, batch_size=2, lr=1e-2, output_dir=str(out), save_every=2, resume_from=resume,
+                          progress_bar=False, seed=0)
+        fit(m, make_examples(), config=cfg)
+        return m
+    straight = run(4, tmp_path / "a")
+    run(2, tmp_path / "b")
+    resumed = run(4, tmp_path / "b", resume="latest")
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()): assert torch.equal(p, q), n
+    saved = torch.load(tmp_path / "b" / "checkpoint-2" / "model.pt", weights_only=True)
+    assert saved and all(".lora_" in k for k in saved)                      # a few kilobytes, not the frozen base
+    other = apply_method(tiny_model("llama", seed=0), "lora", r=3, alpha=4)   # prepared differently: a clear error
+    with pytest.raises((KeyError, RuntimeError), match="does not fit|size mismatch"):
+        fit(other, make_examples(), config=TrainConfig(max_steps=4, batch_size=2, output_dir=str(tmp_path / "b"), resume_from="latest",
+                                            progress_bar=False))
+
+
+def test_prompt_tuning_trains_with_fit():
+    from gslm.peft import apply_method
+    m = apply_method(tiny_model("llama", seed=0), "prompt", num_virtual_tokens=4)
+    data = make_examples(16)
+    before = evaluate(m, data, batch_size=4)                       # the virtual positions are dropped before the loss
+    fit(m, data, config=TrainConfig(max_steps=12, batch_size=4, lr=5e-2, progress_bar=False))
+    assert evaluate(m, data, batch_size=4) < before
