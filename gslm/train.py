@@ -277,7 +277,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, accelerato
     raw = accelerator.unwrap_model(model) if accelerator is not None else model
     res = raw.load_state_dict(torch.load(path / "model.pt", map_location=dev, weights_only=True), strict=False)
     params = dict(raw.named_parameters())
-    missing = [k for k in res.missing_keys if k not in params or params[k].requires_grad]   # frozen weights come from the base model
+    missing = [k for k in res.missing_keys if k in params and params[k].requires_grad]   # frozen (or tied) weights come from the base model
     if missing or res.unexpected_keys:
         raise KeyError(f"{path}: the checkpoint does not fit this model (missing {missing[:3]}, unexpected {res.unexpected_keys[:3]}); "
                        "prepare the model exactly as in the interrupted run (same method and options) before resuming")
