@@ -10,14 +10,14 @@ import argparse, os, sys, time
 from .core import env_report, human_seconds
 
 # %% auto #0
-__all__ = ['DEFAULT_QUESTION', 'quickstart', 'build_parser', 'main']
+__all__ = ['DEFAULT_QUESTION', 'quickstart', 'quick_sft', 'build_parser', 'main']
 
 # %% ../nbs/00_setup/02_cli.ipynb #57bd3f95
 DEFAULT_QUESTION = "What is the capital of France, and what river flows through it? Answer in two sentences."
 
 def quickstart(model: str = "smollm2", question: str = DEFAULT_QUESTION, max_new_tokens: int = 48,
-               device: str | None = None, top_n: int = 3) -> "GenerationLog":
-    "Load `model`, print its summary, and answer `question` through its chat template with a per-token log."
+               device: str | None = None, top_n: int = 3, sft_steps: int = 10) -> "GenerationLog":
+    "Load `model`, print its summary, answer `question` with a per-token log, then a short LoRA SFT with exact match before/after."
     from gslm.models import load_model, model_summary, generate_with_log
     t0 = time.perf_counter()
     rep = env_report(packages=("gslm", "torch", "transformers"))
@@ -30,8 +30,25 @@ def quickstart(model: str = "smollm2", question: str = DEFAULT_QUESTION, max_new
     dt = time.perf_counter() - t
     print(f"\n== question\n{question}\n\n== answer ({len(log.token_ids)} tokens in {human_seconds(dt)}, "
           f"{len(log.token_ids) / dt:.1f} tokens/s)\n{log.text}\n\n== generation log\n{log.to_frame().to_string()}")
+    if sft_steps > 0: quick_sft(model, sft_steps, device)
     print(f"\ndone in {human_seconds(time.perf_counter() - t0)}")
     return log
+
+def quick_sft(model: str = "smollm2", steps: int = 10, device: str | None = None, n_test: int = 16) -> dict:
+    "A few steps of the example SFT config (SmolLM2 + LoRA), with exact match on `n_test` held-out records before and after."
+    import tempfile
+    from gslm.sft import EXAMPLE_CONFIG, parse_sft_config, run_sft
+    print(f"\n== a short fine-tuning: {model} + LoRA, {steps} steps on the course's instruction data")
+    with tempfile.TemporaryDirectory(prefix="gslm-quickstart-") as d:
+        cfg = parse_sft_config({**EXAMPLE_CONFIG, "model": model, "eval_file": None, "max_test_examples": n_test,
+                                "max_train_examples": steps * 16 * EXAMPLE_CONFIG["train"]["batch_size"], "output_dir": d, "resume": False, "device": device,
+                                "train": {**EXAMPLE_CONFIG["train"], "max_steps": steps, "eval_every": None,
+                                          "warmup_steps": 1, "save_every": steps}})
+        m = run_sft(cfg, verbose=False)
+    print(f"exact match on {m['n_test']} held-out instructions: {m['exact_match_before']:.0%} before → "
+          f"{m['exact_match_after']:.0%} after ({m['tokens']:,} training tokens, {m['tokens_per_s_median']:.0f} tokens/s); "
+          "the full recipe is `gslm sft CONFIG.yaml` (`gslm sft --example` prints one)")
+    return m
 
 # %% ../nbs/00_setup/02_cli.ipynb #a8c842a3
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +60,62 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--question", default=DEFAULT_QUESTION, help="the question to answer")
     q.add_argument("--max-new-tokens", type=int, default=48, help="generation budget (default: 48)")
     q.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    q.add_argument("--sft-steps", type=int, default=10, help="steps of the short LoRA fine-tuning at the end (0: skip it)")
     sub.add_parser("env", help="print the environment report (versions, device, memory, offline)")
+    s = sub.add_parser("sft", help="fine-tune a model on instruction data as a YAML config says (resumes; writes model, metrics, plot)")
+    s.add_argument("config", nargs="?", help="the YAML config file (see `gslm sft --example`)")
+    s.add_argument("--example", action="store_true", help="print an example config (SmolLM2 + LoRA) and exit")
+    s.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    s.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    s.add_argument("--device", default=None, help="override the config's device (cuda, mps, cpu)")
+    s.add_argument("--no-resume", action="store_true", help="start from scratch even if output_dir holds checkpoints")
+    b = sub.add_parser("bench", help="run gslm's benchmarks side by side with their peers and print the table")
+    b.add_argument("names", nargs="*", help="benchmarks to run (default: all; see --list)")
+    b.add_argument("--quick", action="store_true", help="small sizes (each benchmark that has a quick mode)")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     return p
+
+def _sft_command(args, parser) -> int:
+    from gslm.sft import ConfigError, example_config_text, load_sft_config, run_sft
+    if args.example:
+        print(example_config_text(), end=""); return 0
+    if not args.config: parser.error("sft needs a CONFIG.yaml (or --example to print one)")
+    if args.max_steps is not None and args.max_steps < 1: parser.error("--max-steps must be at least 1")
+    try:
+        cfg = load_sft_config(args.config, output_dir=args.output_dir, device=args.device)
+        if args.max_steps is not None: cfg.train = {**cfg.train, "max_steps": args.max_steps}
+        if args.no_resume: cfg.resume = False
+        run_sft(cfg)
+    except (ConfigError, OSError, ValueError, ImportError, RuntimeError, KeyError) as e:
+        print(f"gslm sft: error: {e}", file=sys.stderr); return 1
+    return 0
+
+def _bench_command(args) -> int:
+    import inspect, json
+    from gslm.bench import BENCHMARKS, run_benchmarks
+    from gslm.core import env_report
+    if args.list:
+        for n, fn in BENCHMARKS.items(): print(f"{n}: {(fn.__doc__ or '').strip()}")
+        return 0
+    names = args.names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"gslm bench: error: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr); return 1
+    kw = {n: {"quick": True} for n in names if args.quick and "quick" in inspect.signature(BENCHMARKS[n]).parameters}
+    table = run_benchmarks(names, **kw)
+    rep = env_report()
+    machine = {k: str(v) for k, v in rep["value"].items()}
+    print(table.to_string())
+    print("\nmachine: " + ", ".join(f"{k}={machine[k]}" for k in ("platform", "device", "torch threads", "cpu cores", "torch") if k in machine))
+    if args.json:
+        from pathlib import Path
+        out = Path(args.json); out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".tmp-{out.name}")
+        tmp.write_text(json.dumps({"machine": machine, "results": table.reset_index().to_dict(orient="records")}, indent=2, default=str))
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    return 0
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `gslm` console script."
@@ -52,11 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "quickstart":
         if args.max_new_tokens < 1: parser.error("--max-new-tokens must be at least 1")
-        try: quickstart(args.model, args.question, args.max_new_tokens, args.device)
+        if args.sft_steps < 0: parser.error("--sft-steps must be 0 (skip) or more")
+        try: quickstart(args.model, args.question, args.max_new_tokens, args.device, sft_steps=args.sft_steps)
         except (OSError, ValueError, ImportError, RuntimeError) as e:   # a clear message, not a traceback
             print(f"gslm quickstart: error: {e}", file=sys.stderr); return 1
     elif args.command == "env":
         print(env_report().to_string())
+    elif args.command == "sft":
+        return _sft_command(args, parser)
+    elif args.command == "bench":
+        return _bench_command(args)
     else:
         parser.print_help(); return 2
     return 0
