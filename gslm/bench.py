@@ -6,18 +6,19 @@
 from __future__ import annotations
 
 import gc, time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, field
 from typing import Callable
 
 from .core import env_report, progress
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'BenchResult', 'register', 'best_of', 'results_table', 'run_benchmarks', 'bench_data']
+__all__ = ['BENCHMARKS', 'TRAIN_BENCH_NAME', 'SAMPLING', 'BenchResult', 'register', 'best_of', 'results_table', 'run_benchmarks',
+           'bench_data', 'padding_efficiency', 'bench_train']
 
 # %% ../nbs/08_performance/80_benchmarks.ipynb #166a6833
 @dataclass
 class BenchResult:
-    "One benchmark row: gslm and peer figures (seconds), ratio = peer / gslm (> 1: gslm faster), target, met."
+    "One benchmark row: gslm and peer figures in `unit`; ratio > 1 means gslm is better (peer/gslm for seconds, gslm/peer if higher_is_better)."
     name: str
     gslm: float
     peer: float
@@ -25,8 +26,13 @@ class BenchResult:
     target: float = 1.0
     unit: str = "s"
     detail: str = ""
+    higher_is_better: bool = False        # True for a throughput (tokens/s): then ratio = gslm / peer
+    info: dict = field(default_factory=dict, repr=False)   # the benchmark's other measurements, not shown in the table
     @property
-    def ratio(self) -> float: return self.peer / self.gslm if self.gslm > 0 else float("inf")
+    def ratio(self) -> float:
+        "How many times better gslm is: peer / gslm for times, gslm / peer for throughputs."
+        num, den = (self.gslm, self.peer) if self.higher_is_better else (self.peer, self.gslm)
+        return num / den if den > 0 else float("inf")
     @property
     def met(self) -> bool: return self.ratio >= self.target
     def row(self) -> dict:
@@ -56,12 +62,13 @@ def results_table(results: list[BenchResult]):
     import pandas as pd
     return pd.DataFrame([r.row() for r in results]).set_index("name")
 
-def run_benchmarks(names: list[str] | None = None, **kwargs):
-    "Run the named benchmarks (default: all; keyword arguments per benchmark name) and return `results_table`."
+def run_benchmarks(names: list[str] | None = None, quick: bool = False, **kwargs):
+    "Run the named benchmarks (default: all; `quick=True` passed to each; keyword arguments per benchmark name) and return `results_table`."
     names = list(BENCHMARKS) if names is None else names
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown: raise KeyError(f"unknown benchmarks {unknown}; registered: {sorted(BENCHMARKS)}")
-    return results_table([BENCHMARKS[n](**kwargs.get(n, {})) for n in progress(names, desc="benchmarks")])
+    extra = {"quick": True} if quick else {}
+    return results_table([BENCHMARKS[n](**{**extra, **kwargs.get(n, {})}) for n in progress(names, desc="benchmarks")])
 
 # %% ../nbs/08_performance/80_benchmarks.ipynb #d6e85cbf
 def _alpaca_prompt(r: dict) -> str:
@@ -109,9 +116,11 @@ def _datasets_tokenize_and_pack(records: list[dict], tok, seq_len: int, batch_si
     return tokd, packed
 
 @register("data: tokenise + pack")
-def bench_data(n: int = 100_000, seq_len: int = 512, tokenizer=None, repeats: int = 1, seed: int = 0, check: bool = True) -> BenchResult:
-    "Tokenise (prompt masked) and pack `n` instruction records: gslm.data vs datasets.map(batched=True), same run."
+def bench_data(n: int | None = None, seq_len: int = 512, tokenizer=None, repeats: int = 1, seed: int = 0, check: bool = True,
+               quick: bool = False) -> BenchResult:
+    "Tokenise (prompt masked) and pack `n` instruction records (100k; 20k when `quick`): gslm.data vs datasets.map(batched=True), same run."
     from gslm.data import make_instructions, pack, tokenize_pairs
+    n = n or (20_000 if quick else 100_000)
     tok = tokenizer or _default_tokenizer()
     records = make_instructions(n, seed=seed)
     def ours():
@@ -129,3 +138,210 @@ def bench_data(n: int = 100_000, seq_len: int = 512, tokenizer=None, repeats: in
     rows_ours, rows_peer = len(packed["input_ids"]), len(packed_peer)
     return BenchResult("data: tokenise + pack", gslm=t_ours, peer=t_peer, peer_name="datasets.map(batched=True)", target=1.0,
                        detail=f"{n:,} records → {rows_ours:,} rows of {seq_len} (peer: {rows_peer:,} rows)")
+
+# %% ../nbs/08_performance/80_benchmarks.ipynb #34c346a9
+TRAIN_BENCH_NAME = "train: packed fit vs Trainer"
+SAMPLING = ("random", "group_by_length")
+
+def padding_efficiency(lengths, batch_size: int, sampling: str = "random", seed: int = 0) -> float:
+    "Real tokens / padded tokens of batches of `batch_size` examples of these `lengths` (Trainer's random or length-grouped order)."
+    import numpy as np, torch
+    if sampling not in SAMPLING: raise ValueError(f"sampling={sampling!r}: choose one of {SAMPLING}")
+    lengths = np.asarray(lengths)
+    g = torch.Generator().manual_seed(seed)
+    if sampling == "random": order = torch.randperm(len(lengths), generator=g).numpy()
+    else:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+        order = np.fromiter(LengthGroupedSampler(batch_size, lengths=lengths.tolist(), generator=g), dtype=np.int64)
+    padded = sum(len(b) * lengths[b].max() for b in np.array_split(order, range(batch_size, len(order), batch_size)))
+    return float(lengths.sum() / padded)
+
+class _Recorder:
+    "A collator wrapper that keeps what each batch fed the model: its examples (as token tuples), real tokens and token slots."
+    def __init__(self, collate: Callable, packed: bool):
+        from collections import Counter
+        self.collate, self.packed = collate, packed
+        self.examples, self.real, self.slots = Counter(), [], []
+    def __call__(self, batch):
+        import numpy as np
+        out = self.collate(batch)
+        if self.packed:                          # a row holds several examples: split it by segment id
+            real = 0
+            for r in batch:
+                ids, seg = np.asarray(r["input_ids"]), np.asarray(r["segment_ids"])
+                for s in np.unique(seg[seg > 0]): self.examples[tuple(ids[seg == s].tolist())] += 1
+                real += int((seg > 0).sum())
+        else:                                    # a padded row holds one example: its attended tokens
+            for x, m in zip(out["input_ids"].tolist(), out["attention_mask"].tolist()):
+                self.examples[tuple(t for t, k in zip(x, m) if k)] += 1
+            real = int(out["attention_mask"].sum())
+        self.real.append(real); self.slots.append(int(out["input_ids"].numel()))
+        return out
+
+def _instruction_pairs(records: list[dict], template: str, tok) -> tuple[list[str], list[str]]:
+    "Prompts and completions of instruction records: the Alpaca prompt, or a chat template from gslm.prompts."
+    if template == "alpaca": return [_alpaca_prompt(r) for r in records], [r["output"] for r in records]
+    from gslm.prompts import alpaca_map_fn, prompt_completion
+    pc = [prompt_completion(alpaca_map_fn(r)["messages"], template, tokenizer=tok) for r in records]
+    return [p for p, _ in pc], [c for _, c in pc]
+
+class _Turns:
+    "Two training loops, each in its own thread, take turns one optimiser step at a time (`lockstep`), and each step is timed."
+    def __init__(self, sides: tuple[str, str], lockstep: bool = True):
+        import threading
+        self.sides, self.lockstep, self.cv = sides, lockstep, threading.Condition()
+        self.turn, self.done, self.resumed = sides[0], set(), {}
+        self.seconds = {s: [] for s in sides}    # per optimiser step, only while that side had the turn
+    def _other(self, side: str) -> str: return self.sides[1 - self.sides.index(side)]
+    def _wait(self, side: str) -> None:
+        if self.lockstep: self.cv.wait_for(lambda: self.turn == side or self._other(side) in self.done)
+        self.resumed[side] = time.perf_counter()
+    def begin(self, side: str) -> None:
+        with self.cv: self._wait(side)
+    def step_end(self, side: str) -> None:
+        "Called by a loop at the end of each optimiser step: record its time, hand the turn over, wait for it back."
+        now = time.perf_counter()
+        with self.cv:
+            self.seconds[side].append(now - self.resumed[side])
+            self.turn = self._other(side); self.cv.notify_all()
+            self._wait(side)
+    def finish(self, side: str) -> None:
+        with self.cv:
+            self.done.add(side); self.turn = self._other(side); self.cv.notify_all()
+
+    def run(self, loops: dict[str, Callable[[], object]]) -> dict:
+        "Run the loops (in threads taking turns, or one after the other) and return their results; re-raise a loop's error."
+        import threading
+        out, errors = {}, {}
+        def target(side):
+            try: self.begin(side); out[side] = loops[side]()
+            except BaseException as e: errors[side] = e
+            finally: self.finish(side)
+        if self.lockstep:
+            threads = [threading.Thread(target=target, args=(s,), daemon=True) for s in self.sides]
+            for t in threads: t.start()
+            for t in threads: t.join()
+        else:
+            for s in self.sides: target(s)
+        if errors: raise next(iter(errors.values()))
+        return out
+
+def _steps(rec: _Recorder, seconds: list[float]) -> dict:
+    "Per-step real tokens, token slots and seconds of steps 2..n (the first step is a warm-up and is not counted)."
+    n = len(seconds)
+    return {"tokens": rec.real[1:n], "slots": rec.slots[1:n], "seconds": seconds[1:]}
+
+def _check_same_work(rec_g: _Recorder, rec_p: _Recorder, n_tokens: int, loss_g: float, loss_p: float) -> None:
+    "Raise AssertionError unless both sides fed the same examples and real tokens, and their mean losses are close."
+    import math
+    if rec_g.examples != rec_p.examples:
+        only_g, only_p = rec_g.examples - rec_p.examples, rec_p.examples - rec_g.examples
+        raise AssertionError(f"the two sides trained on different examples ({sum(only_g.values())} only in gslm's batches, "
+                             f"{sum(only_p.values())} only in the peer's): the benchmark would not compare like with like")
+    if not sum(rec_g.real) == sum(rec_p.real) == n_tokens:
+        raise AssertionError(f"real tokens differ: gslm {sum(rec_g.real):,}, peer {sum(rec_p.real):,}, examples {n_tokens:,}")
+    if not (math.isfinite(loss_g) and math.isfinite(loss_p) and abs(math.log(loss_g / loss_p)) < math.log(1.5)):
+        raise AssertionError(f"mean training losses are not in the same range: gslm {loss_g:.4f}, peer {loss_p:.4f}")
+
+@register(TRAIN_BENCH_NAME)
+def bench_train(model: str | tuple | None = None, *, quick: bool = False, n_examples: int | None = None, batch_size: int = 16,
+                seq_len: int | None = None, lr: float = 1e-4, method: str = "full", method_kwargs: dict | None = None,
+                template: str = "alpaca", sampling: str = "random", lockstep: bool = True, seed: int = 0,
+                num_threads: int | None = None, check: bool = True) -> BenchResult:
+    "Real tokens/s of one fine-tuning epoch: gslm `fit` on packed rows vs `transformers.Trainer` on padded batches of the same examples."
+    import contextlib, copy, io, math, random, tempfile
+    import numpy as np, torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from gslm.core import data_path
+    from gslm.data import read_records, tokenize_pairs, pack
+    from gslm.models import load_model
+    from gslm.peft import METHODS, apply_method
+    from gslm.train import TrainConfig, PackedCollator, PadCollator, fit, evaluate, micro_batch_indices
+    if sampling not in SAMPLING: raise ValueError(f"sampling={sampling!r}: choose one of {SAMPLING}")
+    if method not in METHODS: raise ValueError(f"method={method!r}: choose one of {METHODS}")
+    model = model or ("gslm-tiny" if quick else "smollm2")
+    n_examples = n_examples or (192 if quick else 160)
+    for k, v in {"batch_size": batch_size, "n_examples": n_examples}.items():
+        if not isinstance(v, int) or v < 1: raise ValueError(f"{k} must be an integer ≥ 1, got {v!r}")
+    if n_examples < 3 * batch_size:
+        raise ValueError(f"n_examples={n_examples} makes fewer than 3 steps of batch_size={batch_size} (the first step is "
+                         "a warm-up and is not timed): pass more examples or a smaller batch_size")
+    records = read_records(data_path() / "instructions" / "train.jsonl")
+    if n_examples > len(records): raise ValueError(f"n_examples={n_examples}: the instruction set has {len(records)} records")
+    records = random.Random(seed).sample(records, n_examples)               # a random sample: its lengths vary as the set's do
+    base, tok = load_model(model) if isinstance(model, str) else model
+    tk = tokenize_pairs(*_instruction_pairs(records, template, tok), tok)
+    lens = np.array([len(x) for x in tk["input_ids"]])
+    seq_len = seq_len or int(2 ** math.ceil(math.log2(4 * lens.mean())))      # rows of about four examples
+    if seq_len < lens.max():
+        raise ValueError(f"seq_len={seq_len} is shorter than the longest example ({lens.max()} tokens): packing would truncate "
+                         "it and the two sides would train on different data; raise seq_len")
+    packed = pack(tk, seq_len, pad_id=tok.pad_token_id)
+    n_rows = len(packed["input_ids"])
+    rows_per_step = max(1, round(batch_size * n_rows / n_examples))           # as many examples per step as the peer, on average
+    steps = n_rows // rows_per_step                                           # one epoch; a last incomplete batch is dropped
+    if steps < 3: raise ValueError(f"{n_examples} examples pack into {steps} steps of {rows_per_step} rows: pass more examples")
+    rows = [i for s in range(steps) for i in micro_batch_indices(s, n_rows, rows_per_step, seed=seed)[1]]
+    used = sorted(set(packed["example_ids"][rows].ravel().tolist()) - {-1})   # what the packed epoch consumes: the peer gets these
+    examples = [{"input_ids": tk["input_ids"][i], "labels": tk["labels"][i]} for i in used]
+    n_tokens = int(lens[used].sum())
+
+    def fresh():
+        return apply_method(copy.deepcopy(base), method, **(method_kwargs or {}))
+
+    if check:                                    # the same computation: packed rows give the loss of the padded examples
+        few, m = {k: v[:8] for k, v in tk.items()}, fresh()
+        l_pad = evaluate(m, few, PadCollator(pad_id=tok.pad_token_id), batch_size=8)
+        l_pack = evaluate(m, pack(few, seq_len, pad_id=tok.pad_token_id), PackedCollator(), batch_size=8)
+        del m
+        if not math.isclose(l_pad, l_pack, rel_tol=1e-4):
+            raise AssertionError(f"packed rows give loss {l_pack:.6f}, the same examples padded {l_pad:.6f}: packing changed the computation")
+
+    turns = _Turns(("peer", "gslm"), lockstep)
+    models = {}
+    for side in turns.sides:                     # built here, from the same seed: the same initial weights (LoRA included)
+        torch.manual_seed(seed); models[side] = fresh()
+
+    def ours():
+        rec = _Recorder(PackedCollator(), packed=True)
+        cfg = TrainConfig(max_steps=steps, batch_size=rows_per_step, lr=lr, max_grad_norm=1.0, seed=seed, progress_bar=False)
+        h = fit(models["gslm"], packed, collator=rec, config=cfg, callbacks=[lambda step, row: turns.step_end("gslm")])
+        return rec, float(np.mean(h.loss))
+
+    class _Turn(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs): turns.step_end("peer")
+
+    def peer():
+        m = models["peer"]
+        rec = _Recorder(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100), packed=False)
+        with tempfile.TemporaryDirectory() as d:
+            args = TrainingArguments(output_dir=d, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=lr,
+                                     lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+                                     logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
+                                     use_cpu=not torch.cuda.is_available(), seed=seed, disable_tqdm=True,
+                                     dataloader_num_workers=0, train_sampling_strategy=sampling)
+            with contextlib.redirect_stdout(io.StringIO()):                    # Trainer prints its final metrics
+                out = Trainer(model=m, args=args, train_dataset=examples, data_collator=rec, callbacks=[_Turn()]).train()
+        return rec, float(out.training_loss)
+
+    threads = torch.get_num_threads()
+    if num_threads: torch.set_num_threads(num_threads)
+    try: out = turns.run({"peer": peer, "gslm": ours})
+    finally: torch.set_num_threads(threads)
+    (rec_g, loss_g), (rec_p, loss_p) = out["gslm"], out["peer"]
+    if check: _check_same_work(rec_g, rec_p, n_tokens, loss_g, loss_p)
+    steps_g, steps_p = _steps(rec_g, turns.seconds["gslm"]), _steps(rec_p, turns.seconds["peer"])
+    st_g, st_p = turns.seconds["gslm"], turns.seconds["peer"]
+    fill_g, fill_p = sum(rec_g.real) / sum(rec_g.slots), sum(rec_p.real) / sum(rec_p.slots)
+    name = model if isinstance(model, str) else getattr(base.config, "name_or_path", "") or type(base).__name__
+    info = dict(model=name, method=method, template=template, sampling=sampling, examples=len(examples), tokens=n_tokens,
+                seq_len=seq_len, rows_per_step=rows_per_step, steps_gslm=len(st_g), steps_peer=len(st_p),
+                seconds_gslm=sum(steps_g["seconds"]), seconds_peer=sum(steps_p["seconds"]),
+                fill_gslm=fill_g, fill_peer=fill_p, slot_bound=fill_g / fill_p, loss_gslm=loss_g, loss_peer=loss_p,
+                threads=num_threads or threads, lockstep=lockstep, per_step={"gslm": steps_g, "peer": steps_p})
+    detail = (f"{name} ({method}), {len(examples)} examples, {n_tokens:,} tokens; real tokens: {fill_p:.0%} of the peer's "
+              f"padded batches, {fill_g:.0%} of the packed rows (bound {fill_g / fill_p:.2f}×)")
+    tps = lambda st: sum(st["tokens"]) / sum(st["seconds"])
+    return BenchResult(TRAIN_BENCH_NAME, gslm=tps(steps_g), peer=tps(steps_p),
+                       peer_name="transformers.Trainer (dynamic padding)", target=1.5, unit="tokens/s", detail=detail,
+                       higher_is_better=True, info=info)
