@@ -92,7 +92,7 @@ def _sft_command(args, parser) -> int:
     return 0
 
 def _bench_command(args) -> int:
-    import inspect, json
+    import json
     from gslm.bench import BENCHMARKS, run_benchmarks
     from gslm.core import env_report
     if args.list:
@@ -102,8 +102,7 @@ def _bench_command(args) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"gslm bench: error: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr); return 1
-    kw = {n: {"quick": True} for n in names if args.quick and "quick" in inspect.signature(BENCHMARKS[n]).parameters}
-    table = run_benchmarks(names, **kw)
+    table = run_benchmarks(names, quick=args.quick)
     rep = env_report()
     machine = {k: str(v) for k, v in rep["value"].items()}
     print(table.to_string())

@@ -279,11 +279,12 @@ def save_adapter(model, output_dir: str | Path, cfg: SFTConfig) -> Path:
     out = Path(output_dir) / "model"
     tmp = out.with_name(f".tmp-model-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    state = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
     if cfg.method == "full":
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)                     # tied to the embedding: safetensors refuses shared storage
+    else:
+        state = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
     save_file(state, str(tmp / "weights.safetensors"))
     meta = {"base_model": cfg.model, "method": cfg.method, "method_config": cfg.method_config, "template": cfg.template,
             "system": cfg.system, "parameters": int(sum(v.numel() for v in state.values()))}
@@ -370,7 +371,7 @@ def run_sft(cfg: SFTConfig, *, verbose: bool = True) -> dict:
                "exact_match_before": before and before["exact_match"], "exact_match_after": after and after["exact_match"],
                "by_task_before": before and before["by_task"], "by_task_after": after and after["by_task"],
                "n_test": after and after["n"], "seconds": time.perf_counter() - t0, "model_dir": str(saved),
-               "config": {k: v for k, v in asdict(cfg).items()}}
+               "config": asdict(cfg)}
     _atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
     fig = hist.plot()
     fig = fig if hasattr(fig, "savefig") else plt.gcf()
