@@ -345,3 +345,8 @@ def bench_train(model: str | tuple | None = None, *, quick: bool = False, n_exam
     return BenchResult(TRAIN_BENCH_NAME, gslm=tps(steps_g), peer=tps(steps_p),
                        peer_name="transformers.Trainer (dynamic padding)", target=1.5, unit="tokens/s", detail=detail,
                        higher_is_better=True, info=info)
+
+# %% ../nbs/08_performance/80_benchmarks.ipynb #01b3aa19
+from .decoding import GENERATE_BENCH_NAME, KV_BENCH_NAME, bench_generate, bench_kv_cache
+register(GENERATE_BENCH_NAME)(bench_generate)
+register(KV_BENCH_NAME)(bench_kv_cache);
