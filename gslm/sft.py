@@ -68,7 +68,9 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
             idx = order[s:s + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
             if use_hf:
-                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                # synced_gpus=False: ranks of a multi-process run each answer their own share (gslm.train.fit hands the
+                # model back whole after DeepSpeed ZeRO-3), so no rank waits for the others' forward passes
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, synced_gpus=False,
                                      eos_token_id=tokenizer.eos_token_id, top_p=None, top_k=None, temperature=None)
             else:
                 ids = greedy_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tokenizer.eos_token_id)
@@ -227,6 +229,17 @@ def parse_sft_config(data: dict, source: str = "<config>", lines: dict | None = 
         if k not in tf: raise err(f"train.{k}", f"unknown training option; allowed: {', '.join(n for n in tf if n not in _MANAGED_TRAIN_KEYS)}")
     if "schedule" in cfg.train and cfg.train["schedule"] not in SCHEDULES:
         raise err("train.schedule", f"{cfg.train['schedule']!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
+    if "deepspeed" in cfg.train:
+        v = cfg.train["deepspeed"]
+        if not isinstance(v, (str, dict)):
+            raise err("train.deepspeed", f"must be the path of a DeepSpeed JSON config (relative to the config file) or a mapping, got {v!r}")
+        if isinstance(v, str):
+            near = [Path(v)] + ([Path(source).parent / v] if Path(source).is_file() else [])
+            found = next((c for c in near if c.is_file()), None)
+            if found is None:
+                raise err("train.deepspeed", f"file {v!r} not found; looked at {', '.join(dict.fromkeys(map(str, near)))} "
+                                             "(gslm.distributed.deepspeed_config writes one)")
+            cfg.train = {**cfg.train, "deepspeed": str(found.resolve())}
     if "mixed_precision" in cfg.train and cfg.train["mixed_precision"] not in MIXED_PRECISION:
         raise err("train.mixed_precision", f"{cfg.train['mixed_precision']!r} is not allowed; choose one of {', '.join(MIXED_PRECISION)}")
     try: cfg.train_config()
@@ -317,14 +330,42 @@ def _records(cfg: SFTConfig, key: str, limit: int | None, sample: bool) -> list[
     if limit is None or limit >= len(recs): return recs
     return stratified_sample(recs, limit, seed=cfg.seed) if sample else recs[:limit]
 
+def _process_group() -> tuple[int, int]:
+    "(rank, world size); under torchrun the process group is started here (gloo on CPUs), so evaluation can be shared before `fit`."
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1: return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+def _all(obj, world: int) -> list:
+    "Every rank's `obj`, in rank order (just `[obj]` in one process)."
+    if world == 1: return [obj]
+    import torch.distributed as dist
+    out = [None] * world; dist.all_gather_object(out, obj)
+    return out
+
+def _shared_exact_match(model, tok, records, ev: dict, desc: str, rank: int, world: int):
+    "`evaluate_instructions` with the records dealt out over the ranks and the rows gathered back in order (every rank gets the DataFrame)."
+    import pandas as pd
+    mine = list(range(rank, len(records), world))
+    df = evaluate_instructions(model, tok, [records[i] for i in mine], desc=desc, **ev)
+    rows = {i: r for part, idx in _all((df.to_dict("records"), mine), world) for i, r in zip(idx, part)}
+    return pd.DataFrame([rows[i] for i in range(len(records))])
+
 def run_sft(cfg: SFTConfig, *, verbose: bool = True) -> dict:
     "Fine-tune as `cfg` says: exact match before, train (resuming from the latest checkpoint), exact match after; save model, metrics and plots."
     import matplotlib; import matplotlib.pyplot as plt
     from gslm.models import load_model
     from gslm.peft import apply_method, count_parameters
     from gslm.train import fit, evaluate, PadCollator
-    say = print if verbose else (lambda *a, **k: None)
-    out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
+    rank, world = _process_group()                       # under torchrun: each rank trains on its share; only rank 0 writes files
+    main = rank == 0
+    say = print if (verbose and main) else (lambda *a, **k: None)
+    out = Path(cfg.output_dir)
+    if main: out.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.train_config()
     seed_everything(cfg.seed)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
@@ -333,18 +374,20 @@ def run_sft(cfg: SFTConfig, *, verbose: bool = True) -> dict:
     train = _records(cfg, "train_file", cfg.max_train_examples, sample=False)
     evals = _records(cfg, "eval_file", cfg.max_eval_examples, sample=True)
     test = _records(cfg, "test_file", cfg.max_test_examples, sample=True)
-    say(f"gslm sft: {cfg.model} + {cfg.method}, {len(train):,} training records → {out}")
+    say(f"gslm sft: {cfg.model} + {cfg.method}, {len(train):,} training records → {out}"
+        + (f" ({world} processes{', DeepSpeed' if tcfg.deepspeed is not None else ''})" if world > 1 else ""))
     ev = dict(template=cfg.template, system=cfg.system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     before_file = out / "before.json"
     before = None
     if test is not None:
-        if cfg.resume and before_file.exists():
+        if cfg.resume and _all(before_file.exists(), world)[0]:  # rank 0 decides for all: every rank takes the same path
             before = json.loads(before_file.read_text())          # measured by the interrupted run: same base, same test
         else:
-            df = evaluate_instructions(model, tok, test, desc="exact match before", **ev)
+            df = _shared_exact_match(model, tok, test, ev, "exact match before", rank, world)
             before = {"exact_match": float(df.correct.mean()), "by_task": df.groupby("task").correct.mean().to_dict(), "n": len(df)}
-            _atomic_write(out / "predictions_before.jsonl", lambda p: df.to_json(p, orient="records", lines=True, force_ascii=False))
-            _atomic_write(before_file, lambda p: p.write_text(json.dumps(before, indent=2)))
+            if main:
+                _atomic_write(out / "predictions_before.jsonl", lambda p: df.to_json(p, orient="records", lines=True, force_ascii=False))
+                _atomic_write(before_file, lambda p: p.write_text(json.dumps(before, indent=2)))
         say(f"exact match before: {before['exact_match']:.3f} on {before['n']} test records")
     seed_everything(cfg.seed)
     model = apply_method(model, cfg.method, **cfg.method_config)
@@ -355,14 +398,24 @@ def run_sft(cfg: SFTConfig, *, verbose: bool = True) -> dict:
     data = pack(ex, cfg.seq_len, pad_id=pad) if cfg.packing else ex
     eval_data = sft_examples(evals, tok, cfg.template, cfg.system, max_length=cfg.seq_len) if evals else None
     collator = None if cfg.packing else PadCollator(pad_id=pad)
-    hist = fit(model, data, eval_data=eval_data, collator=collator, config=tcfg)
+    seen = []                                            # the training examples (packed rows) this rank used, step by step
+    hist = fit(model, data, eval_data=eval_data, collator=collator, config=tcfg,
+               callbacks=[lambda step, row: seen.append((step, row["examples"]))])
+    if world > 1:                                        # each rank must have trained on different data: check it, keep the record
+        shards = _all(seen, world)
+        for per_step in zip(*shards):
+            ids = [i for _, ex in per_step for i in ex]
+            if len(set(ids)) != len(ids):
+                raise RuntimeError(f"step {per_step[0][0]}: ranks trained on overlapping examples {sorted(ids)}; this is a bug in the data split")
+        if main: _atomic_write(out / "data_shards.json", lambda p: p.write_text(json.dumps(
+            {"processes": world, "steps": [{"step": st[0][0], "examples": [ex for _, ex in st]} for st in zip(*shards)]})))
     after = None
     if test is not None:
-        df = evaluate_instructions(model, tok, test, desc="exact match after", **ev)
+        df = _shared_exact_match(model, tok, test, ev, "exact match after", rank, world)
         after = {"exact_match": float(df.correct.mean()), "by_task": df.groupby("task").correct.mean().to_dict(), "n": len(df)}
-        _atomic_write(out / "predictions.jsonl", lambda p: df.to_json(p, orient="records", lines=True, force_ascii=False))
+        if main: _atomic_write(out / "predictions.jsonl", lambda p: df.to_json(p, orient="records", lines=True, force_ascii=False))
         say(f"exact match after:  {after['exact_match']:.3f}")
-    saved = save_adapter(model, out, cfg)
+    saved = save_adapter(model, out, cfg) if main else out / "model"
     metrics = {"model": cfg.model, "method": cfg.method, "trainable_parameters": params["trainable"],
                "total_parameters": params["total"], "steps": len(hist), "train_loss_first": hist.loss[0] if hist.loss else None,
                "train_loss_last": hist.loss[-1] if hist.loss else None,
@@ -371,13 +424,15 @@ def run_sft(cfg: SFTConfig, *, verbose: bool = True) -> dict:
                "exact_match_before": before and before["exact_match"], "exact_match_after": after and after["exact_match"],
                "by_task_before": before and before["by_task"], "by_task_after": after and after["by_task"],
                "n_test": after and after["n"], "seconds": time.perf_counter() - t0, "model_dir": str(saved),
-               "config": asdict(cfg)}
-    _atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
-    fig = hist.plot()
-    fig = fig if hasattr(fig, "savefig") else plt.gcf()
-    _atomic_write(out / "loss.png", lambda p: fig.savefig(p, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
-    say(f"wrote {out / 'metrics.json'}, {out / 'loss.png'}, {saved}")
+               "processes": world, "config": asdict(cfg)}
+    if main:
+        _atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        fig = hist.plot()
+        fig = fig if hasattr(fig, "savefig") else plt.gcf()
+        _atomic_write(out / "loss.png", lambda p: fig.savefig(p, format="png", dpi=100, bbox_inches="tight"))
+        plt.close(fig)
+        say(f"wrote {out / 'metrics.json'}, {out / 'loss.png'}, {saved}")
+    _all(None, world)                                    # nobody leaves before rank 0 has written everything
     return metrics
 
 # %% ../nbs/03_finetuning/32_sft.ipynb #5e7471f5

@@ -22,7 +22,7 @@ from .optim import get_schedule
 # %% auto #0
 __all__ = ['MIXED_PRECISION', 'TrainConfig', 'as_examples', 'PadCollator', 'PackedCollator', 'default_collator', 'loss_sum',
            'epoch_order', 'micro_batch_indices', 'make_optimizer', 'make_lr_scheduler', 'History', 'list_checkpoints',
-           'save_checkpoint', 'load_checkpoint', 'get_accelerator', 'evaluate', 'fit']
+           'save_checkpoint', 'load_checkpoint', 'get_accelerator', 'deepspeed_dict', 'evaluate', 'fit']
 
 # %% ../nbs/03_finetuning/30_training.ipynb #77836e88
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -54,6 +54,7 @@ class TrainConfig:
     resume_from: str | None = None        # None, "latest" or a checkpoint folder
     tensorboard: bool = False             # also log to TensorBoard (needs the tensorboard package)
     progress_bar: bool = True
+    deepspeed: str | dict | None = None   # a DeepSpeed config (JSON file or dict): train through accelerate's DeepSpeedPlugin under torchrun
 
     def __post_init__(self):
         for k in ("max_steps", "batch_size", "grad_accum", "log_every"):
@@ -66,6 +67,8 @@ class TrainConfig:
         if self.resume_from and not (self.output_dir or self.resume_from != "latest"):
             raise ValueError("resume_from='latest' needs output_dir: set the folder that holds the checkpoints")
         get_schedule(self.schedule, self.warmup_steps, self.max_steps, **self.schedule_kwargs)   # validates the schedule early
+        if self.deepspeed is not None and not isinstance(self.deepspeed, (str, dict)):
+            raise ValueError(f"TrainConfig.deepspeed={self.deepspeed!r}: pass the path of a DeepSpeed JSON config, a dict, or None")
 
 # %% ../nbs/03_finetuning/30_training.ipynb #09286e82
 def as_examples(data) -> list[dict]:
@@ -245,7 +248,13 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
         shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     wait()
     torch.save(_rng_state(), tmp / f"rng_{rank}.pt")
-    if main:
+    ds = _is_deepspeed(accelerator)
+    if ds: model.save_checkpoint(str(tmp), tag="deepspeed")      # every rank writes its shard of weights and optimizer states
+    if main and ds:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        state = {"step": step, "history": asdict(history), "config": asdict(config) if config is not None else None}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+    elif main:
         raw = accelerator.unwrap_model(model) if accelerator is not None else model
         params = dict(raw.named_parameters())
         sd = raw.state_dict()
@@ -258,8 +267,9 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
         (tmp / "trainer_state.json").write_text(json.dumps(state))
     wait()
     if main:
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh: os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh: os.fsync(fh.fileno())
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)                    # the checkpoint appears complete or not at all
         _fsync_dir(out)
@@ -273,8 +283,18 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, accelerato
     path = Path(path)
     if not (path / "trainer_state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json): pick one of list_checkpoints()")
+    if _is_deepspeed(accelerator):
+        if not (path / "deepspeed").is_dir():
+            raise FileNotFoundError(f"{path} was not saved by a DeepSpeed run (no deepspeed/ shards): resume it without TrainConfig.deepspeed")
+        model.load_checkpoint(str(path), tag="deepspeed", load_lr_scheduler_states=False)
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(path / f"rng_{accelerator.process_index}.pt", weights_only=False))
+        state = json.loads((path / "trainer_state.json").read_text())
+        return state["step"], History(**state["history"])
     dev = accelerator.device if accelerator is not None else next(model.parameters()).device
     raw = accelerator.unwrap_model(model) if accelerator is not None else model
+    if (path / "deepspeed").is_dir():
+        raise ValueError(f"{path} holds DeepSpeed shards: resume it with the same TrainConfig.deepspeed under the same launch")
     res = raw.load_state_dict(torch.load(path / "model.pt", map_location=dev, weights_only=True), strict=False)
     params = dict(raw.named_parameters())
     missing = [k for k in res.missing_keys if k in params and params[k].requires_grad]   # frozen (or tied) weights come from the base model
@@ -291,18 +311,79 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, accelerato
     return state["step"], History(**state["history"])
 
 # %% ../nbs/03_finetuning/30_training.ipynb #6bdbc06a
-def get_accelerator(mixed_precision: str = "no"):
-    "An `accelerate.Accelerator`; in a single process its global state is reset when the precision changes between runs."
+def get_accelerator(mixed_precision: str = "no", deepspeed: dict | None = None, grad_accum: int = 1):
+    "An `accelerate.Accelerator` (with a `DeepSpeedPlugin` for a DeepSpeed config); in a single process its global state is reset when the precision changes."
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision={mixed_precision!r}: choose one of {MIXED_PRECISION}")
+    if deepspeed is not None: return _deepspeed_accelerator(mixed_precision, deepspeed, grad_accum)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     multi_cpu = world > 1 and not torch.cuda.is_available()   # torchrun on CPUs: accelerate needs cpu=True to use gloo
     st = AcceleratorState._shared_state
     if st and world == 1 and st.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision, cpu=multi_cpu)
+
+def _is_deepspeed(accelerator) -> bool:
+    return accelerator is not None and str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+def _deepspeed_accelerator(mixed_precision: str, ds_config: dict, grad_accum: int):
+    "An Accelerator with accelerate's `DeepSpeedPlugin`; on CPUs the process group uses gloo."
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    if "LOCAL_RANK" not in os.environ:
+        raise RuntimeError("TrainConfig.deepspeed needs a distributed launch: run the script under torchrun "
+                           "(`torchrun --nproc_per_node N script.py`, or gslm.distributed.launch from a notebook)")
+    if not torch.cuda.is_available(): os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]   # accelerate would pick nccl
+    return Accelerator(mixed_precision=mixed_precision, deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum,
+                       kwargs_handlers=handlers)
+
+def deepspeed_dict(config: TrainConfig, num_processes: int) -> dict:
+    "The DeepSpeed config `fit` runs with: `config.deepspeed` (file or dict) with batch size, accumulation, clipping and precision taken from `config`."
+    src = config.deepspeed
+    if isinstance(src, (str, Path)):
+        p = Path(src)
+        if not p.is_file(): raise FileNotFoundError(f"TrainConfig.deepspeed={str(src)!r}: no such file; pass a DeepSpeed JSON config")
+        try: ds = json.loads(p.read_text())
+        except json.JSONDecodeError as e: raise ValueError(f"TrainConfig.deepspeed: {p} is not valid JSON ({e}); fix it there") from None
+    else: ds = json.loads(json.dumps(src))                      # a deep copy (and a check that it is plain data)
+    if not isinstance(ds, dict): raise ValueError("TrainConfig.deepspeed: the DeepSpeed config must be a JSON object (a mapping)")
+    for k in ("optimizer", "scheduler"):
+        if k in ds: raise ValueError(f"TrainConfig.deepspeed: remove '{k}' from the DeepSpeed config: fit builds AdamW and the "
+                                     "learning-rate schedule from TrainConfig (lr, betas, schedule, ...)")
+    want = {"train_micro_batch_size_per_gpu": config.batch_size, "gradient_accumulation_steps": config.grad_accum,
+            "train_batch_size": config.batch_size * config.grad_accum * num_processes,
+            "gradient_clipping": float(config.max_grad_norm or 0.0)}
+    source = {"train_micro_batch_size_per_gpu": "batch_size", "gradient_accumulation_steps": "grad_accum",
+              "train_batch_size": "batch_size × grad_accum × processes", "gradient_clipping": "max_grad_norm"}
+    for k, v in want.items():
+        if ds.get(k, "auto") not in ("auto", v):
+            raise ValueError(f"TrainConfig.deepspeed: {k}={ds[k]!r} disagrees with TrainConfig ({source[k]} → {v!r}); "
+                             "set it to \"auto\" or leave it out: fit fills it in")
+        ds[k] = v
+    for name, on in (("bf16", config.mixed_precision == "bf16"), ("fp16", config.mixed_precision == "fp16")):
+        got = ds.get(name, {}).get("enabled", "auto") if isinstance(ds.get(name), dict) else "auto"
+        if got not in ("auto", on):
+            raise ValueError(f"TrainConfig.deepspeed: {name}.enabled={got!r} disagrees with TrainConfig.mixed_precision="
+                             f"{config.mixed_precision!r}; set it to \"auto\" or leave it out")
+        ds[name] = {**(ds.get(name) or {}), "enabled": on}
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+def _release_deepspeed(engine) -> None:
+    "Hand back a plain module after DeepSpeed: under ZeRO-3 gather every parameter's full value first, then remove DeepSpeed's hooks."
+    import deepspeed
+    params = list(engine.module.parameters())
+    full = None
+    if engine.zero_optimization_partition_weights():
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            full = [p.data.detach().clone() for p in params]
+    engine.destroy()
+    if full is not None:
+        for p, f in zip(params, full): p.data = f
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, collator: Callable | None = None, batch_size: int = 8, *, accelerator=None) -> float:
@@ -314,10 +395,13 @@ def evaluate(model: nn.Module, data, collator: Callable | None = None, batch_siz
     was_training = model.training; model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=dev)
     mine = list(range(rank, len(examples), P))
-    for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(dev) for k, v in collator([examples[j] for j in mine[i:i + batch_size]]).items()}
+    # under DeepSpeed (ZeRO-3 gathers weights inside forward) every rank runs the same number of forwards: extra ones are discarded
+    rounds = -(-len(range(0, len(examples), P)) // batch_size) if _is_deepspeed(accelerator) else -(-len(mine) // batch_size)
+    for r in range(rounds):
+        idx = mine[r * batch_size:(r + 1) * batch_size]
+        batch = {k: v.to(dev) for k, v in collator([examples[j] for j in (idx or [0])]).items()}
         s, n = loss_sum(model, batch)
-        total += torch.stack([s.double(), n.double()])
+        if idx: total += torch.stack([s.double(), n.double()])
     if accelerator is not None: total = accelerator.reduce(total, "sum")
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
@@ -366,7 +450,8 @@ def fit(model: nn.Module, train_data, *, eval_data=None, collator: Callable | No
     "Train `model` in place on tokenised examples (or packed rows) with accelerate; returns the `History`."
     from contextlib import nullcontext
     cfg = config or TrainConfig()
-    acc = get_accelerator(cfg.mixed_precision)
+    ds = deepspeed_dict(cfg, int(os.environ.get("WORLD_SIZE", "1"))) if cfg.deepspeed is not None else None
+    acc = get_accelerator(cfg.mixed_precision, ds, cfg.grad_accum)
     P, rank, dev = acc.num_processes, acc.process_index, acc.device
     train = as_examples(train_data)
     evals = as_examples(eval_data) if eval_data is not None else None
@@ -384,8 +469,9 @@ def fit(model: nn.Module, train_data, *, eval_data=None, collator: Callable | No
         if getattr(model, "config", None) is not None: model.config.use_cache = False
     model.to(dev).train()
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_lr_scheduler(optimizer, cfg)     # both exist before a resume loads their states (else the LR restarts)
+    if ds is None: scheduler = make_lr_scheduler(optimizer, cfg)   # both exist before a resume loads their states (else the LR restarts)
     model, optimizer = acc.prepare(model, optimizer)
+    if ds is not None: scheduler = make_lr_scheduler(optimizer, cfg)  # on the optimizer DeepSpeed steps (offload swaps in DeepSpeedCPUAdam)
     out = Path(cfg.output_dir) if cfg.output_dir else None
     if out is not None and acc.is_main_process:
         for stale in out.glob(".tmp-checkpoint-*"): shutil.rmtree(stale, ignore_errors=True)   # left by a killed run
@@ -412,6 +498,12 @@ def fit(model: nn.Module, train_data, *, eval_data=None, collator: Callable | No
             n_total = counts[0].clamp(min=1)
             step_loss = torch.zeros((), dtype=torch.float64, device=dev)
             for i, b in enumerate(micro):
+                if ds is not None:                  # DeepSpeed: accumulate() marks the last micro-batch, whose backward steps the engine
+                    with acc.accumulate(model):
+                        s, _ = loss_sum(model, b)
+                        acc.backward(s * (P * k / n_total).to(s.dtype))   # × k: DeepSpeed divides by its accumulation steps
+                    step_loss += s.detach().double()
+                    continue
                 with (acc.no_sync(model) if (i < k - 1 and P > 1) else nullcontext()):
                     with acc.autocast():
                         s, _ = loss_sum(model, b)
@@ -420,7 +512,8 @@ def fit(model: nn.Module, train_data, *, eval_data=None, collator: Callable | No
                     acc.backward(s * (P / n_total).to(s.dtype))
                 step_loss += s.detach().double()
             lr = optimizer.param_groups[0]["lr"]
-            gn = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
+            gn = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))   # DeepSpeed: its norm
+            if gn is None: gn = float("nan")
             optimizer.step()
             if not acc.optimizer_step_was_skipped: scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -428,7 +521,9 @@ def fit(model: nn.Module, train_data, *, eval_data=None, collator: Callable | No
             loss = (acc.reduce(step_loss, "sum") / n_total).item()
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(gn), "tokens": int(counts[1]),
-                   "tokens_per_s": float(counts[1]) / dt, "seconds": dt, "eval_loss": None}
+                   "tokens_per_s": float(counts[1]) / dt, "seconds": dt, "eval_loss": None,
+                   "examples": [j for i in range(k) for j in micro_batch_indices((step - 1) * k + i, len(train), cfg.batch_size,
+                                num_processes=P, rank=rank, seed=cfg.seed, shuffle=cfg.shuffle)[1]]}   # what this process trained on
             for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "seconds"): getattr(history, key).append(row[key])
             if evals is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
                 row["eval_loss"] = evaluate(model, evals, eval_collator, eval_bs, accelerator=acc)
@@ -442,5 +537,6 @@ def fit(model: nn.Module, train_data, *, eval_data=None, collator: Callable | No
     finally:
         bar.close(); logger.close()
         acc.unwrap_model(model, keep_fp32_wrapper=False)        # the caller's model without accelerate's autocast wrapper
+        if ds is not None: _release_deepspeed(model)             # ... and whole again on every rank after ZeRO-3
     model.eval()
     return history
