@@ -16,8 +16,8 @@ __all__ = ['DEFAULT_QUESTION', 'quickstart', 'quick_sft', 'build_parser', 'main'
 DEFAULT_QUESTION = "What is the capital of France, and what river flows through it? Answer in two sentences."
 
 def quickstart(model: str = "smollm2", question: str = DEFAULT_QUESTION, max_new_tokens: int = 48,
-               device: str | None = None, top_n: int = 3, sft_steps: int = 10) -> "GenerationLog":
-    "Load `model`, print its summary, answer `question` with a per-token log, then a short LoRA SFT with exact match before/after."
+               device: str | None = None, top_n: int = 3, sft_steps: int = 10, strategy_tokens: int = 24) -> "GenerationLog":
+    "Load `model`, print its summary, answer `question` with a per-token log, compare decoding strategies, then a short LoRA SFT with exact match before/after."
     from gslm.models import load_model, model_summary, generate_with_log
     t0 = time.perf_counter()
     rep = env_report(packages=("gslm", "torch", "transformers"))
@@ -30,6 +30,13 @@ def quickstart(model: str = "smollm2", question: str = DEFAULT_QUESTION, max_new
     dt = time.perf_counter() - t
     print(f"\n== question\n{question}\n\n== answer ({len(log.token_ids)} tokens in {human_seconds(dt)}, "
           f"{len(log.token_ids) / dt:.1f} tokens/s)\n{log.text}\n\n== generation log\n{log.to_frame().to_string()}")
+    if strategy_tokens > 0:
+        from gslm.decoding import compare_strategies
+        df = compare_strategies(m, tok, question, max_new_tokens=strategy_tokens)
+        print(f"\n== decoding strategies (at most {strategy_tokens} new tokens each, seed 0; gslm.decoding.generate)")
+        print(f"{'strategy':<36} tokens  mean log-p  tokens/s  text")
+        for name, r in df.iterrows():
+            print(f"{name:<36} {r.tokens:>6}  {r.mean_logprob:>10.3f}  {r.tokens_per_s:>8.1f}  {r.text}")
     if sft_steps > 0: quick_sft(model, sft_steps, device)
     print(f"\ndone in {human_seconds(time.perf_counter() - t0)}")
     return log
@@ -61,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-new-tokens", type=int, default=48, help="generation budget (default: 48)")
     q.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     q.add_argument("--sft-steps", type=int, default=10, help="steps of the short LoRA fine-tuning at the end (0: skip it)")
+    q.add_argument("--strategy-tokens", type=int, default=24, help="new tokens per decoding strategy in the comparison (0: skip it)")
     sub.add_parser("env", help="print the environment report (versions, device, memory, offline)")
     s = sub.add_parser("sft", help="fine-tune a model on instruction data as a YAML config says (resumes; writes model, metrics, plot)")
     s.add_argument("config", nargs="?", help="the YAML config file (see `gslm sft --example`)")
@@ -123,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "quickstart":
         if args.max_new_tokens < 1: parser.error("--max-new-tokens must be at least 1")
         if args.sft_steps < 0: parser.error("--sft-steps must be 0 (skip) or more")
-        try: quickstart(args.model, args.question, args.max_new_tokens, args.device, sft_steps=args.sft_steps)
+        if args.strategy_tokens < 0: parser.error("--strategy-tokens must be 0 (skip) or more")
+        try: quickstart(args.model, args.question, args.max_new_tokens, args.device, sft_steps=args.sft_steps,
+                        strategy_tokens=args.strategy_tokens)
         except (OSError, ValueError, ImportError, RuntimeError) as e:   # a clear message, not a traceback
             print(f"gslm quickstart: error: {e}", file=sys.stderr); return 1
     elif args.command == "env":

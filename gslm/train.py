@@ -313,6 +313,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, accelerato
 # %% ../nbs/03_finetuning/30_training.ipynb #6bdbc06a
 def get_accelerator(mixed_precision: str = "no", deepspeed: dict | None = None, grad_accum: int = 1):
     "An `accelerate.Accelerator` (with a `DeepSpeedPlugin` for a DeepSpeed config); in a single process its global state is reset when the precision changes."
+    if not torch.cuda.is_available(): os.environ.setdefault("DS_ACCELERATOR", "cpu")   # DeepSpeed, if installed, would warn it guessed
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     if mixed_precision not in MIXED_PRECISION:
