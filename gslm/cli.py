@@ -145,3 +145,5 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser.print_help(); return 2
     return 0
+
+if __name__ == "__main__": sys.exit(main())   # `python -m gslm.cli ...` works like the console script
