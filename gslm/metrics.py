@@ -5,12 +5,24 @@
 # %% ../nbs/05_evaluation/50_metrics.ipynb #a05ceb07
 from __future__ import annotations
 
-import re, string
+import math, re, string, warnings
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .core import cache_dir, progress
+from .prompts import rouge_l, rouge_tokens
+
 # %% auto #0
-__all__ = ['normalize_text', 'exact_match', 'token_f1']
+__all__ = ['ROUGE_TYPES', 'normalize_text', 'exact_match', 'token_f1', 'accuracy', 'confusion_matrix', 'precision_recall_f1',
+           'precision', 'recall', 'f1', 'plot_confusion_matrix', 'mse', 'mae', 'r2', 'Perplexity', 'window_spans',
+           'perplexity', 'text_perplexity', 'bleu', 'chrf', 'ter', 'tokenize_13a', 'ngram_counts', 'BleuScore',
+           'corpus_bleu', 'rouge', 'rouge_n', 'write_evaluate_modules', 'evaluate_module']
 
 # %% ../nbs/05_evaluation/50_metrics.ipynb #0c9cc06e
 _PUNCT = set(string.punctuation)
@@ -54,3 +66,389 @@ def token_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str
     preds = _predictions(predictions); refs = _references(references, len(preds))
     if not preds: raise ValueError("token_f1 of no predictions: pass at least one")
     return sum(max(_f1_one(p, r) for r in rs) for p, rs in zip(preds, refs)) / len(preds)
+
+# %% ../nbs/05_evaluation/50_metrics.ipynb #3e94c501
+def _labels(y_true: np.ndarray, y_pred: np.ndarray, labels=None) -> np.ndarray:
+    if labels is not None: return np.asarray(labels)
+    return np.unique(np.concatenate([y_true, y_pred]))
+
+def _pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    t, p = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
+    if t.shape != p.shape: raise ValueError(f"y_true has {t.size} labels but y_pred has {p.size}: they must be aligned, one per example")
+    if t.size == 0: raise ValueError("no labels: pass at least one example")
+    return t, p
+
+def accuracy(y_true, y_pred) -> float:
+    "Fraction of examples whose predicted label equals the true one."
+    t, p = _pair(y_true, y_pred)
+    return float(np.mean(t == p))
+
+def confusion_matrix(y_true, y_pred, labels=None) -> np.ndarray:
+    "Counts C[i, j] of examples of true class labels[i] predicted as labels[j] (labels: sorted union by default)."
+    t, p = _pair(y_true, y_pred)
+    labs = _labels(t, p, labels)
+    index = {l: i for i, l in enumerate(labs.tolist())}
+    cm = np.zeros((len(labs), len(labs)), dtype=np.int64)
+    for a, b in zip(t.tolist(), p.tolist()):
+        if a in index and b in index: cm[index[a], index[b]] += 1
+    return cm
+
+def _divide(num: np.ndarray, den: np.ndarray, zero_division, what: str) -> np.ndarray:
+    "num/den, with `zero_division` (0 and a warning for 'warn', else 0, 1 or nan) where den == 0."
+    out = np.divide(num, np.where(den == 0, 1, den), dtype=np.float64)
+    if np.any(den == 0):
+        out[den == 0] = 0.0 if zero_division == "warn" else float(zero_division)
+        if zero_division == "warn":
+            warnings.warn(f"{what} is ill-defined (0/0) for {int(np.sum(den == 0))} label(s) and set to 0.0; "
+                          "pass zero_division=0, 1 or float('nan') to choose the value and silence this warning", stacklevel=3)
+    return out
+
+def _mean(x: np.ndarray, weights: np.ndarray | None = None) -> float:
+    "Mean ignoring nan entries (scikit-learn's _nanaverage); weights summing to 0 fall back to the plain mean."
+    keep = ~np.isnan(x)
+    if not keep.any(): return float("nan")
+    if weights is not None and weights[keep].sum() > 0: return float(np.average(x[keep], weights=weights[keep]))
+    return float(np.mean(x[keep]))
+
+_AVERAGES = ("binary", "micro", "macro", "weighted", None)
+
+def precision_recall_f1(y_true, y_pred, *, average: str | None = "binary", pos_label=1, labels=None,
+                        zero_division="warn") -> tuple:
+    "(precision, recall, F1) for `average` in binary/micro/macro/weighted (floats) or None (one array per class)."
+    if average not in _AVERAGES: raise ValueError(f"average={average!r}: choose one of {list(_AVERAGES)}")
+    if not (zero_division == "warn" or zero_division in (0, 1) or (isinstance(zero_division, float) and math.isnan(zero_division))):
+        raise ValueError(f"zero_division={zero_division!r}: use 'warn', 0, 1 or float('nan')")
+    t, p = _pair(y_true, y_pred)
+    if average == "binary":
+        present = _labels(t, p)
+        if len(present) > 2: raise ValueError(f"average='binary' needs at most two classes, got {len(present)} ({present[:5].tolist()}...): "
+                                              "use average='macro', 'micro' or 'weighted'")
+        if pos_label not in present.tolist() and len(present) == 2:
+            raise ValueError(f"pos_label={pos_label!r} is not one of the labels {present.tolist()}: pass the positive class as pos_label")
+        labs = np.asarray([pos_label])
+    else:
+        labs = _labels(t, p, labels)
+    tp = np.array([np.sum((t == l) & (p == l)) for l in labs.tolist()], dtype=np.int64)
+    true_sum = np.array([np.sum(t == l) for l in labs.tolist()], dtype=np.int64)    # support: examples of each class
+    pred_sum = np.array([np.sum(p == l) for l in labs.tolist()], dtype=np.int64)    # how often each class was predicted
+    if average == "micro": tp, true_sum, pred_sum = tp.sum(keepdims=True), true_sum.sum(keepdims=True), pred_sum.sum(keepdims=True)
+    precision = _divide(tp, pred_sum, zero_division, "precision")
+    recall = _divide(tp, true_sum, zero_division, "recall")
+    f1 = _divide(2 * tp, true_sum + pred_sum, zero_division, "F1")
+    if average is None: return precision, recall, f1
+    w = true_sum.astype(np.float64) if average == "weighted" else None
+    return _mean(precision, w), _mean(recall, w), _mean(f1, w)
+
+def precision(y_true, y_pred, **kw) -> float:
+    "Precision TP/(TP+FP); keywords as `precision_recall_f1`."
+    return precision_recall_f1(y_true, y_pred, **kw)[0]
+
+def recall(y_true, y_pred, **kw) -> float:
+    "Recall TP/(TP+FN); keywords as `precision_recall_f1`."
+    return precision_recall_f1(y_true, y_pred, **kw)[1]
+
+def f1(y_true, y_pred, **kw) -> float:
+    "F1 = 2TP/(2TP+FP+FN); keywords as `precision_recall_f1`."
+    return precision_recall_f1(y_true, y_pred, **kw)[2]
+
+# %% ../nbs/05_evaluation/50_metrics.ipynb #1247385d
+def plot_confusion_matrix(y_true, y_pred, labels=None, *, normalize: str | None = None, ax=None, title: str | None = None,
+                          cmap: str = "Blues"):
+    "Draw the confusion matrix (rows: true, columns: predicted); normalize='true' shows each row as fractions. Returns the axes."
+    import matplotlib.pyplot as plt
+    t, p = _pair(y_true, y_pred)
+    labs = _labels(t, p, labels)
+    cm = confusion_matrix(t, p, labs).astype(np.float64)
+    if normalize == "true": cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    elif normalize is not None: raise ValueError(f"normalize={normalize!r}: use None or 'true'")
+    if ax is None: _, ax = plt.subplots(figsize=(1.2 + 0.7 * len(labs), 1.0 + 0.6 * len(labs)))
+    im = ax.imshow(cm, cmap=cmap, vmin=0)
+    ax.set_xticks(range(len(labs)), [str(l) for l in labs], rotation=45 if len(labs) > 4 else 0)
+    ax.set_yticks(range(len(labs)), [str(l) for l in labs])
+    ax.set_xlabel("predicted"); ax.set_ylabel("true")
+    for i in range(len(labs)):
+        for j in range(len(labs)):
+            v = cm[i, j]
+            ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center",
+                    color="white" if v > 0.6 * cm.max() else "black", fontsize=9)
+    if title: ax.set_title(title)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return ax
+
+# %% ../nbs/05_evaluation/50_metrics.ipynb #51ecfcfe
+def _reg_pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    t, p = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    if t.shape != p.shape: raise ValueError(f"y_true has shape {t.shape} but y_pred has {p.shape}: they must match")
+    if t.size == 0: raise ValueError("no values: pass at least one example")
+    return t.reshape(len(t), -1), p.reshape(len(p), -1)
+
+def mse(y_true, y_pred) -> float:
+    "Mean squared error (averaged over outputs when 2-D)."
+    t, p = _reg_pair(y_true, y_pred)
+    return float(np.mean(np.mean((t - p) ** 2, axis=0)))
+
+def mae(y_true, y_pred) -> float:
+    "Mean absolute error (averaged over outputs when 2-D)."
+    t, p = _reg_pair(y_true, y_pred)
+    return float(np.mean(np.mean(np.abs(t - p), axis=0)))
+
+def r2(y_true, y_pred) -> float:
+    "Coefficient of determination 1 − SS_res/SS_tot (per output, then averaged); constant y_true → 1 if exact else 0."
+    t, p = _reg_pair(y_true, y_pred)
+    ss_res = ((t - p) ** 2).sum(0)
+    ss_tot = ((t - t.mean(0)) ** 2).sum(0)
+    score = np.where(ss_tot != 0, 1 - ss_res / np.where(ss_tot == 0, 1, ss_tot), np.where(ss_res == 0, 1.0, 0.0))
+    return float(score.mean())
+
+# %% ../nbs/05_evaluation/50_metrics.ipynb #30f7b119
+@dataclass
+class Perplexity:
+    "The result of `perplexity`: summed NLL (nats) over `tokens` scored tokens, from `windows` forward passes."
+    nll: float
+    tokens: int
+    windows: int = 1
+    n_bytes: int | None = None      # UTF-8 bytes of the scored text, for bits per byte
+
+    @property
+    def nll_per_token(self) -> float: return self.nll / self.tokens
+    @property
+    def ppl(self) -> float: return math.exp(self.nll_per_token)
+    @property
+    def bits_per_byte(self) -> float:
+        if not self.n_bytes: raise ValueError("bits_per_byte needs n_bytes: use text_perplexity, or set n_bytes to the text's UTF-8 length")
+        return self.nll / math.log(2) / self.n_bytes
+    def __add__(self, other: "Perplexity") -> "Perplexity":
+        nb = None if self.n_bytes is None or other.n_bytes is None else self.n_bytes + other.n_bytes
+        return Perplexity(self.nll + other.nll, self.tokens + other.tokens, self.windows + other.windows, nb)
+
+def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    "(begin, end, first scored position) of each window over n tokens: every position ≥ 1 scored once, only new tokens."
+    if window < 2: raise ValueError(f"window={window}: a window needs at least 2 tokens (one of context, one to score)")
+    if not 0 < stride <= window: raise ValueError(f"stride={stride} must be in 1..window ({window})")
+    spans, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        first = max(prev_end, begin + 1)       # a scored token needs one token of context inside its window
+        if first < end: spans.append((begin, end, first))
+        prev_end = end
+        if end == n: break
+    return spans
+
+def _max_context(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+@torch.no_grad()
+def perplexity(model, input_ids, *, window: int | None = None, stride: int | None = None, batch_size: int = 4,
+               desc: str = "perplexity") -> Perplexity:
+    "Perplexity of one token sequence with a sliding window (default: the model's context, stride = window)."
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1: ids = ids[0]
+    if ids.dim() != 1: raise ValueError(f"input_ids has shape {tuple(ids.shape)}: pass one sequence (1-D, or 1×T); loop over texts and add the results")
+    n = len(ids)
+    if n < 2: raise ValueError("perplexity needs at least 2 tokens: the first one is only context")
+    window = min(window or _max_context(model) or n, n)
+    stride = stride or window
+    spans = window_spans(n, window, stride)
+    import inspect
+    keep_ok = "logits_to_keep" in inspect.signature(model.forward).parameters
+    groups: dict[tuple[int, int], list] = {}
+    for b, e, f in spans: groups.setdefault((e - b, e - f + 1), []).append((b, e, f))   # same length, same scored count
+    dev = next(model.parameters()).device
+    was_training = model.training; model.eval()
+    nll, count = 0.0, 0
+    try:
+        bar = progress(total=len(spans), desc=desc, leave=False)
+        for (length, keep), group in groups.items():
+            for s in range(0, len(group), batch_size):
+                chunk = group[s:s + batch_size]
+                x = torch.stack([ids[b:e] for b, e, _ in chunk]).to(dev)
+                out = model(input_ids=x, logits_to_keep=keep) if keep_ok else model(input_ids=x)
+                logits = out.logits if hasattr(out, "logits") else out
+                logits = logits[:, -keep:-1].float()                           # predictions for the last keep-1 positions
+                targets = x[:, length - keep + 1:]
+                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+                count += targets.numel(); bar.update(len(chunk))
+        bar.close()
+    finally:
+        model.train(was_training)
+    return Perplexity(nll, count, len(spans))
+
+def text_perplexity(model, tokenizer, text: str, *, window: int | None = None, stride: int | None = None,
+                    batch_size: int = 4, add_bos: bool = True) -> Perplexity:
+    "Perplexity of a text, with its UTF-8 byte count for bits per byte; add_bos prepends BOS (or EOS) so every text token is scored."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if add_bos:
+        if start is None: raise ValueError("the tokenizer has neither a BOS nor an EOS token: pass add_bos=False (the first token is then not scored)")
+        ids = [start] + ids
+    res = perplexity(model, ids, window=window, stride=stride, batch_size=batch_size)
+    res.n_bytes = len(text.encode("utf-8")); return res
+
+# %% ../nbs/05_evaluation/50_metrics.ipynb #e91a72cb
+def _ref_streams(references, n: int) -> list[list[str | None]]:
+    "References per prediction → sacrebleu's reference streams (one list per reference index, None where a prediction has fewer)."
+    refs = _references(references, n)
+    k = max(len(r) for r in refs)
+    return [[r[i] if i < len(r) else None for r in refs] for i in range(k)]
+
+def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], **kwargs) -> float:
+    "Corpus BLEU (0–100) by sacrebleu (13a tokenisation, exp smoothing); kwargs go to sacrebleu.corpus_bleu."
+    import sacrebleu
+    preds = _predictions(predictions)
+    return sacrebleu.corpus_bleu(preds, _ref_streams(references, len(preds)), **kwargs).score
+
+def chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]], **kwargs) -> float:
+    "Corpus chrF (0–100) by sacrebleu; word_order=2 gives chrF++."
+    import sacrebleu
+    preds = _predictions(predictions)
+    return sacrebleu.corpus_chrf(preds, _ref_streams(references, len(preds)), **kwargs).score
+
+def ter(predictions: Sequence[str], references: Sequence[str | Sequence[str]], **kwargs) -> float:
+    "Corpus TER (edits per reference word × 100, lower is better) by sacrebleu."
+    import sacrebleu
+    preds = _predictions(predictions)
+    return sacrebleu.corpus_ter(preds, _ref_streams(references, len(preds)), **kwargs).score
+
+# %% ../nbs/05_evaluation/50_metrics.ipynb #289efd3b
+_13A = [(re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),   # symbols and punctuation (ASCII ranges)
+        (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),                 # period and comma, unless preceded by a digit
+        (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),                 # ... unless followed by a digit
+        (re.compile(r"([0-9])(-)"), r"\1 \2 ")]                      # a dash after a digit
+
+def tokenize_13a(line: str) -> list[str]:
+    "mteval-v13a tokenisation, as sacrebleu's default BLEU tokenizer does it."
+    line = line.rstrip().replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in line:
+        for a, b in [("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")]: line = line.replace(a, b)
+    line = f" {line} "
+    for pattern, repl in _13A: line = pattern.sub(repl, line)
+    return line.split()
+
+def ngram_counts(tokens: Sequence[str], n: int) -> Counter:
+    "Counts of the n-grams (tuples) of a token list."
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+@dataclass
+class BleuScore:
+    "Corpus BLEU and its parts: n-gram precisions (%), brevity penalty, hypothesis and reference lengths."
+    score: float
+    precisions: list[float]
+    bp: float
+    sys_len: int
+    ref_len: int
+
+def corpus_bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], *, max_order: int = 4,
+                lowercase: bool = False, smooth: str = "exp") -> BleuScore:
+    "Corpus BLEU from scratch: 13a tokens, clipped n-gram precision, brevity penalty, 'exp' (mteval) or no smoothing."
+    if smooth not in ("exp", "none"): raise ValueError(f"smooth={smooth!r}: use 'exp' (sacrebleu's default) or 'none'")
+    preds = _predictions(predictions); refs = _references(references, len(preds))
+    prep = (lambda s: tokenize_13a(s.lower())) if lowercase else tokenize_13a
+    correct, total = [0] * max_order, [0] * max_order
+    sys_len = ref_len = 0
+    for p, rs in zip(preds, refs):
+        hyp = prep(p); ref_toks = [prep(r) for r in rs]
+        sys_len += len(hyp)
+        lens = [len(r) for r in ref_toks]
+        ref_len += min(lens, key=lambda l: (abs(l - len(hyp)), l))        # closest reference length, ties → shorter
+        for n in range(1, max_order + 1):
+            h = ngram_counts(hyp, n)
+            best = Counter()
+            for r in ref_toks: best |= ngram_counts(r, n)                  # max count over references
+            correct[n - 1] += sum(min(c, best[g]) for g, c in h.items())
+            total[n - 1] += sum(h.values())
+    bp = 1.0 if sys_len >= ref_len else (math.exp(1 - ref_len / sys_len) if sys_len > 0 else 0.0)
+    precisions = [0.0] * max_order
+    if not any(correct): return BleuScore(0.0, precisions, bp, sys_len, ref_len)
+    halvings, logs = 1.0, []
+    for n in range(max_order):
+        if total[n] == 0: break                                            # hypotheses shorter than n: sacrebleu stops here
+        if correct[n] == 0 and smooth == "exp": halvings *= 2; precisions[n] = 100.0 / (halvings * total[n])
+        elif correct[n]: precisions[n] = 100.0 * correct[n] / total[n]
+    score = bp * math.exp(sum(math.log(p) if p > 0 else -9999999999 for p in precisions) / max_order)
+    return BleuScore(score, precisions, bp, sys_len, ref_len)
+
+# %% ../nbs/05_evaluation/50_metrics.ipynb #bfd68516
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]], rouge_types: Sequence[str] = ROUGE_TYPES,
+          use_stemmer: bool = False) -> dict[str, float]:
+    "Mean ROUGE F-measures (0–1) by rouge_score, max over references; rougeLsum splits sentences on newlines."
+    from rouge_score import rouge_scorer
+    preds = _predictions(predictions); refs = _references(references, len(preds))
+    scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+    sums = dict.fromkeys(rouge_types, 0.0)
+    for p, rs in zip(preds, refs):
+        s = scorer.score_multi(rs, p)
+        for k in rouge_types: sums[k] += s[k].fmeasure
+    return {k: v / len(preds) for k, v in sums.items()}
+
+def rouge_n(candidate: str, reference: str, n: int = 1) -> float:
+    "ROUGE-N F-measure from scratch: clipped n-gram overlap of rouge_score's tokens (no stemming)."
+    c, r = ngram_counts(rouge_tokens(candidate), n), ngram_counts(rouge_tokens(reference), n)
+    overlap = sum((c & r).values())
+    if overlap == 0: return 0.0
+    p, rec = overlap / sum(c.values()), overlap / sum(r.values())
+    return 2 * p * rec / (p + rec)
+
+# %% ../nbs/05_evaluation/50_metrics.ipynb #0a187bab
+_EVALUATE_METRICS = {   # name: (gslm function, kind of inputs, what it computes)
+    "exact_match": ("_evaluate_squad", "text", "SQuAD exact match and token F1 (0-1), max over references"),
+    "bleu": ("_evaluate_bleu", "text", "corpus BLEU (0-100) by sacrebleu, 13a tokenisation"),
+    "chrf": ("_evaluate_chrf", "text", "corpus chrF (0-100) by sacrebleu"),
+    "ter": ("_evaluate_ter", "text", "corpus TER (0-100, lower is better) by sacrebleu"),
+    "rouge": ("_evaluate_rouge", "text", "mean ROUGE-1/2/L/Lsum F-measures (0-1) by rouge_score"),
+    "classification": ("_evaluate_classification", "label", "accuracy, precision, recall and F1 (average=..., as scikit-learn)"),
+    "regression": ("_evaluate_regression", "number", "MSE, MAE and R2 (as scikit-learn)"),
+}
+
+def _evaluate_squad(predictions, references, **kw): return {"exact_match": exact_match(predictions, references, **kw), "f1": token_f1(predictions, references)}
+def _evaluate_bleu(predictions, references, **kw): return {"bleu": bleu(predictions, references, **kw)}
+def _evaluate_chrf(predictions, references, **kw): return {"chrf": chrf(predictions, references, **kw)}
+def _evaluate_ter(predictions, references, **kw): return {"ter": ter(predictions, references, **kw)}
+def _evaluate_rouge(predictions, references, **kw): return rouge(predictions, references, **kw)
+def _evaluate_classification(predictions, references, average: str = "macro", **kw):
+    p, r, f = precision_recall_f1(references, predictions, average=average, **kw)
+    return {"accuracy": accuracy(references, predictions), "precision": p, "recall": r, "f1": f}
+def _evaluate_regression(predictions, references): return {"mse": mse(references, predictions), "mae": mae(references, predictions), "r2": r2(references, predictions)}
+
+_SCRIPT = '''"""gslm.metrics' {name} as an `evaluate` module: {what}. Generated by gslm.metrics.write_evaluate_modules; do not edit."""
+import datasets
+import evaluate
+
+import gslm.metrics as gm
+
+class Gslm{cls}(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(description="gslm: {what}.", citation="", inputs_description="predictions and references",
+                                   features=gm._evaluate_features("{kind}"))
+
+    def _compute(self, predictions, references, **kwargs):
+        return gm.{fn}(predictions, references, **kwargs)
+'''
+
+def _evaluate_features(kind: str):
+    "The `datasets.Features` an evaluate module declares for text (one or several references), labels or numbers."
+    import datasets
+    if kind == "text":
+        return [datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
+                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")})]
+    if kind == "label": return datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
+    return datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("float64")})
+
+def write_evaluate_modules(dest: str | Path | None = None) -> dict[str, Path]:
+    "Write one `evaluate` metric script per gslm metric into `dest` (default: gslm's cache); returns {name: path}."
+    dest = Path(dest) if dest is not None else cache_dir("evaluate_metrics")
+    out = {}
+    for name, (fn, kind, what) in _EVALUATE_METRICS.items():
+        folder = dest / f"gslm_{name}"; folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"gslm_{name}.py"
+        text = _SCRIPT.format(name=name, cls="".join(w.title() for w in name.split("_")), kind=kind, fn=fn, what=what)
+        if not path.exists() or path.read_text() != text: path.write_text(text)
+        out[name] = path
+    return out
+
+def evaluate_module(name: str) -> str:
+    "The local path of gslm's `evaluate` module `name` (written if needed): `evaluate.load(evaluate_module('rouge'))` works offline."
+    if name not in _EVALUATE_METRICS: raise ValueError(f"no gslm evaluate module {name!r}: choose one of {sorted(_EVALUATE_METRICS)}")
+    return str(write_evaluate_modules()[name].parent)
