@@ -261,7 +261,7 @@ class PPOTrainer:
                  config: PPOConfig | None = None):
         self.policy, self.ref_model, self.tokenizer, self.reward_fn = policy, ref_model, tokenizer, reward_fn
         self.config = c = config or PPOConfig()
-        if any(p.requires_grad for p in ref_model.parameters()) and ref_model is policy.model:
+        if ref_model is policy.model:
             raise ValueError("PPOTrainer: ref_model is the policy's own model; pass a frozen copy (copy.deepcopy(model))")
         self.ref_model.eval().requires_grad_(False)
         self.kl_ctl = (AdaptiveKLController(c.init_kl_coef, c.target_kl, c.horizon) if c.adaptive_kl and c.init_kl_coef > 0

@@ -98,6 +98,9 @@ def test_grpo_advantages():
 
 def test_config_errors():
     with pytest.raises(ValueError, match="multiple of mini_batch_size"): PPOConfig(batch_size=10, mini_batch_size=4)
+    from gslm.models import tiny_model
+    m = tiny_model("llama")
+    with pytest.raises(ValueError, match="frozen copy"): PPOTrainer(PolicyWithValue(m), m, None, regex_reward("a"))
 
 
 def test_ppo_reward_rises_with_bounded_kl():
