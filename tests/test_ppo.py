@@ -132,3 +132,42 @@ def _tiny_ppo_run(load_model):
     print(f"held-out reward {before['reward']:.3f} -> {after['reward']:.3f}, KL {after['kl']:.2f}, max training KL {hist.kl.max():.2f}")
     assert after["reward"] > before["reward"] + 0.3, (before["reward"], after["reward"])
     assert 0 < after["kl"] < 3 * cfg.target_kl and hist.kl.max() < 3 * cfg.target_kl, (after["kl"], hist.kl.max())
+
+
+def test_grpo_advantages_and_clipped_loss_equal_trl():
+    "TRL's GRPOTrainer: its advantages = grpo_advantages of the same rewards; its bnpo loss (β = 0) = policy_loss, gradients too."
+    import re, tempfile, warnings
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from gslm.evaluation import token_logprobs
+    from gslm.models import load_model
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    try:
+        tiny, tok = load_model("gslm-tiny")
+        recorded = []
+        def reward(completions, **kwargs):
+            r = [float(min(len(re.findall(r"e", c)), 6)) for c in completions]; recorded.append(r); return r
+        prompts = ["ROMEO:\nWhat", "HAMLET:\nO"]                       # equal token lengths: no padding in TRL's forward
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, num_generations=4,
+                                  max_completion_length=8, use_cpu=True, report_to=[], seed=0, beta=0.0, loss_type="bnpo",
+                                  epsilon=0.2, save_strategy="no", bf16=False)
+            grpo = trl.GRPOTrainer(model=copy.deepcopy(tiny), reward_funcs=reward, args=args, processing_class=tok,
+                                   train_dataset=Dataset.from_dict({"prompt": prompts}))
+            out = grpo._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(4)])
+        torch.testing.assert_close(grpo_advantages(torch.tensor(recorded[-1]), 4), out["advantages"])
+        grpo.model.eval()
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        P = out["prompt_ids"].size(1)
+        with torch.no_grad():
+            cur = token_logprobs(grpo.model(input_ids=ids, attention_mask=am).logits[:, P - 1:-1], out["completion_ids"])
+        old = cur + 0.3 * torch.randn(cur.shape, generator=torch.Generator().manual_seed(0))
+        theirs = grpo._compute_loss(grpo.model, {**out, "old_per_token_logps": old})
+        lp = token_logprobs(grpo.model(input_ids=ids, attention_mask=am).logits[:, P - 1:-1], out["completion_ids"])
+        ours, st = policy_loss(lp, old, out["advantages"][:, None].expand_as(lp), out["completion_mask"], 0.2)
+        assert 0 < st["clipfrac"] < 1                                   # both branches of the clip are exercised
+        torch.testing.assert_close(ours, theirs)
+    finally:
+        torch.set_num_threads(threads)
