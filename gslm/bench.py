@@ -350,3 +350,7 @@ def bench_train(model: str | tuple | None = None, *, quick: bool = False, n_exam
 from .decoding import GENERATE_BENCH_NAME, KV_BENCH_NAME, bench_generate, bench_kv_cache
 register(GENERATE_BENCH_NAME)(bench_generate)
 register(KV_BENCH_NAME)(bench_kv_cache);
+
+# %% ../nbs/08_performance/80_benchmarks.ipynb #a7e1b2c4
+from .attention import ATTENTION_BENCH_NAME, bench_attention_memory
+register(ATTENTION_BENCH_NAME)(bench_attention_memory);
