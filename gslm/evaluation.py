@@ -17,7 +17,9 @@ from torch import Tensor
 from .core import progress, data_path, is_offline
 
 # %% auto #0
-__all__ = ['token_logprobs', 'sequence_logprobs']
+__all__ = ['HUB_TASKS', 'LETTERS', 'token_logprobs', 'sequence_logprobs', 'encode_pair', 'choice_logprobs', 'Task',
+           'parse_mmlu_csv', 'parse_benchmark_jsonl', 'load_task', 'bootstrap_ci', 'mc_prompts',
+           'evaluate_multiple_choice', 'evaluate_generation', 'plot_accuracy']
 
 # %% ../nbs/05_evaluation/51_benchmarks.ipynb #71f3b897
 def token_logprobs(logits: Tensor, targets: Tensor, chunk: int = 2048) -> Tensor:
@@ -57,3 +59,392 @@ def sequence_logprobs(model, input_ids: Tensor, labels: Tensor, attention_mask: 
     if bool((n == 0).any()):
         raise ValueError("average=True on a sequence with no labelled tokens (every label is -100 or padding)")
     return total / n
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #df79d5d7
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    "Token ids of (context, continuation) split as lm-evaluation-harness does: trailing spaces move to the continuation, then encode the whole and cut."
+    n = len(context) - len(context.rstrip())
+    if n: context, continuation = context[:-n], context[-n:] + continuation
+    if not context:                                        # lm-eval: BOS (or EOS) as the context of an empty prompt
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #6dd1caf4
+def _tree_row(ctx: list[int], conts: list[list[int]], max_length: int | None):
+    "One packed row: context + every continuation; segment 0 = context, i = choice i; position ids restart per choice."
+    total = sum(len(c) for c in conts)
+    if max_length is not None and len(ctx) + total > max_length:
+        keep = max(max_length - total, 1)
+        if keep > len(ctx) or max_length - total < 1:
+            raise ValueError(f"the choices alone take {total} tokens, more than the model's max_length={max_length}")
+        ctx = ctx[-keep:]                                                    # left-truncate the context, as lm-eval does
+    ids, seg, pos = list(ctx), [0] * len(ctx), list(range(len(ctx)))
+    for i, c in enumerate(conts, 1):
+        ids += c; seg += [i] * len(c); pos += range(len(ctx), len(ctx) + len(c))
+    return ids, seg, pos, len(ctx)
+
+@torch.no_grad()
+def choice_logprobs(model, contexts: Sequence[list[int]], continuations: Sequence[Sequence[list[int]]], *,
+                    batch_size: int = 8, max_length: int | None = None, desc: str = "score choices",
+                    show_progress: bool = True) -> list[list[float]]:
+    "Log-likelihood of each continuation given its context (token ids), the context computed once per question."
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts but {len(continuations)} lists of continuations")
+    for q, (ctx, conts) in enumerate(zip(contexts, continuations)):
+        if not ctx: raise ValueError(f"question {q}: empty context — start it with a BOS token (see encode_pair)")
+        if not conts or any(len(c) == 0 for c in conts):
+            raise ValueError(f"question {q}: every choice needs at least one token (got lengths {[len(c) for c in conts]})")
+    if max_length is None: max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    rows = [_tree_row(list(c), [list(x) for x in k], max_length) for c, k in zip(contexts, continuations)]
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype if next(model.parameters()).is_floating_point() else torch.float32
+    out: list[list[float] | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))       # similar lengths together: less padding
+    was_training = model.training; model.eval()
+    try:
+        for s in progress(range(0, len(order), batch_size), desc=desc, leave=False, **({} if show_progress else {"disable": True})):
+            idx = order[s:s + batch_size]
+            L = max(len(rows[i][0]) for i in idx)
+            ids = torch.full((len(idx), L), 0, dtype=torch.long)
+            seg = torch.full((len(idx), L), -1, dtype=torch.long)
+            pos = torch.zeros((len(idx), L), dtype=torch.long)
+            for b, i in enumerate(idx):                                      # left padding
+                r_ids, r_seg, r_pos, _ = rows[i]; n = len(r_ids)
+                ids[b, L - n:] = torch.tensor(r_ids); seg[b, L - n:] = torch.tensor(r_seg); pos[b, L - n:] = torch.tensor(r_pos)
+            causal = torch.ones(L, L, dtype=torch.bool).tril()
+            real = seg >= 0
+            see = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])   # key is context, or the query's own choice
+            allowed = causal & see & real[:, None, :] & real[:, :, None] | torch.eye(L, dtype=torch.bool)
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+            keep = max(len(rows[i][0]) - rows[i][3] for i in idx) + 1        # continuation tokens + the last context position
+            kw = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+            try: logits = model(**kw, logits_to_keep=keep).logits
+            except TypeError: logits = model(**kw).logits
+            logits = logits[:, -keep:]
+            for b, i in enumerate(idx):
+                r_ids, r_seg, _, c = rows[i]; n = len(r_ids); off = L - keep          # row position p ↔ logits index p - off
+                scores, start = [], L - n + c
+                for k, cont in enumerate(continuations[i], 1):
+                    # the first token of each choice is predicted at the last context position, the others by their predecessor
+                    at = [L - n + c - 1] + list(range(start, start + len(cont) - 1))
+                    tgt = torch.tensor(r_ids[start - (L - n): start - (L - n) + len(cont)], device=logits.device)
+                    lp = token_logprobs(logits[b, [a - off for a in at]][None], tgt[None])
+                    scores.append(float(lp.sum())); start += len(cont)
+                out[i] = scores
+    finally:
+        model.train(was_training)
+    return out
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #7d256a89
+@dataclass
+class Task:
+    "A benchmark: records and the recipe for asking them (template, target delimiter, demonstration pool, description)."
+    name: str
+    kind: str                                   # "multiple_choice" or "generation"
+    records: list[dict]
+    template: str = "Question: {question}\nAnswer:"
+    target_delimiter: str = " "
+    pool: list[dict] = field(default_factory=list)
+    description: str = ""
+    choice_key: str = "choices"                 # the record field holding the continuations to score
+    squad_normalize: bool = True                # generation: compare answers after gslm.metrics.normalize_text
+    source: str = ""
+    def __post_init__(self):
+        if self.kind not in ("multiple_choice", "generation"):
+            raise ValueError(f"Task {self.name!r}: kind={self.kind!r}, use 'multiple_choice' or 'generation'")
+    def __len__(self) -> int: return len(self.records)
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, {self.kind}, {len(self.records)} records, pool {len(self.pool)}, source={self.source!r})"
+
+HUB_TASKS = {"mmlu": ("cais/mmlu", "all", "test"), "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+             "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"), "hellaswag": ("Rowan/hellaswag", None, "validation")}
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #73c21664
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    "(line number, record) for each non-blank line; a broken line raises a DataError naming it."
+    from gslm.data import DataError
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip(): continue
+            try: rec = json.loads(line)
+            except json.JSONDecodeError as e: raise DataError(f"not valid JSON ({e.msg})", path, line=n) from None
+            if not isinstance(rec, dict): raise DataError(f"expected a JSON object, got {type(rec).__name__}", path, line=n)
+            out.append((n, rec))
+    if not out: raise DataError("no records", path, hint="the file is empty")
+    return out
+
+def _need(rec: dict, key: str, types, path, line):
+    from gslm.data import DataError
+    if key not in rec: raise DataError(f"missing field (the record has {sorted(rec)})", path, line=line, field=key)
+    if not isinstance(rec[key], types):
+        raise DataError(f"expected {getattr(types, '__name__', types)}, got {type(rec[key]).__name__}", path, line=line, field=key)
+    return rec[key]
+
+LETTERS = "ABCDEFGHIJ"
+
+def _mmlu_record(question: str, choices: list[str], answer, subject: str, path, line) -> dict:
+    from gslm.data import DataError
+    if isinstance(answer, str):
+        if answer.strip().upper() not in LETTERS[:len(choices)]:
+            raise DataError(f"answer {answer!r} is not one of {list(LETTERS[:len(choices)])}", path, line=line, field="answer")
+        answer = LETTERS.index(answer.strip().upper())
+    if not 0 <= int(answer) < len(choices):
+        raise DataError(f"answer index {answer} out of range for {len(choices)} choices", path, line=line, field="answer")
+    options = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return {"question": question.strip(), "options": options, "choices": list(choices), "letters": list(LETTERS[:len(choices)]),
+            "answer": int(answer), "subject": subject}
+
+def parse_mmlu_csv(path: str | Path, subject: str | None = None) -> list[dict]:
+    "MMLU's CSV files (no header; question, A, B, C, D, answer letter) → multiple-choice records."
+    import csv
+    from gslm.data import DataError
+    path = Path(path); subject = subject or re.sub(r"_(test|dev|val)$", "", path.stem).replace("_", " ")
+    out = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row: continue
+            if len(row) != 6:
+                raise DataError(f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}", path, line=n)
+            out.append(_mmlu_record(row[0], row[1:5], row[5], subject, path, n))
+    if not out: raise DataError("no records", path, hint="the file is empty")
+    return out
+
+def _hellaswag_clean(text: str) -> str:
+    "lm-eval's HellaSwag preprocessing: drop WikiHow's [title]-style markers and double spaces."
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+def parse_benchmark_jsonl(path: str | Path, format: str | None = None) -> tuple[str, list[dict]]:
+    "Read ARC, HellaSwag, MMLU-style or gslm multiple-choice / generation JSONL → (format, records), detected from the fields."
+    from gslm.data import DataError
+    path = Path(path); rows = _read_jsonl(path); first = rows[0][1]
+    if format is None:
+        if isinstance(first.get("question"), dict) or isinstance(first.get("choices"), dict) or "answerKey" in first: format = "arc"
+        elif "endings" in first: format = "hellaswag"
+        elif "choices" in first: format = "mmlu" if "subject" in first else "mc"
+        elif "instruction" in first or ("question" in first and "answer" in first): format = "generation"
+        else: raise DataError(f"cannot tell the benchmark format from the fields {sorted(first)}", path, line=rows[0][0],
+                              hint="pass format='arc' | 'hellaswag' | 'mmlu' | 'mc' | 'generation'")
+    out = []
+    for n, rec in rows:
+        if format == "arc":
+            q = _need(rec, "question", (str, dict), path, n)
+            if isinstance(q, dict): stem, ch = _need(q, "stem", str, path, n), _need(q, "choices", list, path, n)
+            else: stem, ch = q, _need(rec, "choices", dict, path, n)
+            if isinstance(ch, dict): texts, labels = list(ch.get("text", [])), [str(x) for x in ch.get("label", [])]
+            else: texts, labels = [c.get("text") for c in ch], [str(c.get("label")) for c in ch]
+            if not texts or len(texts) != len(labels) or not all(isinstance(t, str) for t in texts):
+                raise DataError("choices need matching 'text' and 'label' lists", path, line=n, field="choices")
+            key = str(_need(rec, "answerKey", (str, int), path, n))
+            if key not in labels: raise DataError(f"answerKey {key!r} is not one of the labels {labels}", path, line=n, field="answerKey")
+            out.append({"question": stem, "choices": texts, "answer": labels.index(key), "id": rec.get("id")})
+        elif format == "hellaswag":
+            endings = _need(rec, "endings", list, path, n)
+            if "ctx_a" in rec: ctx = _need(rec, "ctx_a", str, path, n) + " " + str(rec.get("ctx_b", "")).capitalize()
+            else: ctx = _need(rec, "ctx", str, path, n)
+            label = _need(rec, "label", (int, str), path, n)
+            try: label = int(label); assert 0 <= label < len(endings)
+            except (ValueError, AssertionError):
+                raise DataError(f"label {label!r} is not an index into {len(endings)} endings", path, line=n, field="label") from None
+            act = rec.get("activity_label", "")
+            out.append({"question": _hellaswag_clean((act + ": " if act else "") + ctx),
+                        "choices": [_hellaswag_clean(e) for e in endings], "answer": label})
+        elif format in ("mmlu", "mc"):
+            q, ch = _need(rec, "question", str, path, n), _need(rec, "choices", list, path, n)
+            ans = _need(rec, "answer", (int, str), path, n)
+            if format == "mmlu": out.append(_mmlu_record(q, ch, ans, rec.get("subject", ""), path, n)); continue
+            if not isinstance(ans, int) or not 0 <= ans < len(ch):
+                raise DataError(f"answer must be an index into the {len(ch)} choices, got {ans!r}", path, line=n, field="answer")
+            out.append({**rec, "question": q, "choices": [str(c) for c in ch], "answer": ans})
+        elif format == "generation":
+            if "instruction" in rec:
+                out.append({**rec, "instruction": _need(rec, "instruction", str, path, n), "input": rec.get("input", "") or "",
+                            "output": str(_need(rec, "output", (str, int, float), path, n))})
+            else:
+                out.append({**rec, "instruction": _need(rec, "question", str, path, n), "input": "",
+                            "output": str(_need(rec, "answer", (str, int, float), path, n))})
+        else:
+            raise ValueError(f"format={format!r}: use 'arc', 'hellaswag', 'mmlu', 'mc' or 'generation'")
+    return format, out
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #3a4b4b27
+_RECIPES = {  # format → (template, delimiter, description, choice_key), as lm-eval's default task configs
+    "arc": ("Question: {question}\nAnswer:", " ", "", "choices"),
+    "mc": ("Question: {question}\nAnswer:", " ", "", "choices"),
+    "hellaswag": ("{question}", " ", "", "choices"),
+    "mmlu": ("{question}{options}\nAnswer:", " ", "The following are multiple choice questions (with answers).", "letters"),
+}
+
+def _hub_task(name: str, split: str | None) -> Task:
+    repo, config, default_split = HUB_TASKS[name]
+    if is_offline():
+        raise RuntimeError(f"load_task({name!r}) downloads {repo} from the Hugging Face hub, and this machine is offline. "
+                           f"Use a local copy instead — load_task('path/to/file') reads MMLU's CSV and ARC / HellaSwag JSONL files "
+                           f"(format= to force one) — or the course's local multiple-choice task: load_task('quartz').")
+    import datasets, tempfile
+    ds = datasets.load_dataset(repo, config, split=split or default_split)
+    fmt = {"mmlu": "mmlu", "hellaswag": "hellaswag"}.get(name, "arc")
+    tmp = Path(tempfile.mkdtemp()) / f"{name}.jsonl"
+    with open(tmp, "w") as f:
+        for rec in ds: f.write(json.dumps(rec) + "\n")
+    _, records = parse_benchmark_jsonl(tmp, fmt)
+    t, d, desc, key = _RECIPES[fmt]
+    return Task(name, "multiple_choice", records, t, d, [], desc, key, source=f"hub:{repo}")
+
+def load_task(name_or_path: str | Path, *, split: str = "test", format: str | None = None, limit: int | None = None) -> Task:
+    "A benchmark by name ('quartz', 'instructions', 'knowledge'; online 'mmlu', 'arc_easy', 'arc_challenge', 'hellaswag') or from a file."
+    from gslm.data import read_records
+    name = str(name_or_path)
+    if name == "quartz":
+        if split not in ("test", "train"): raise ValueError(f"quartz has the splits 'test' and 'train', not {split!r}")
+        recs = read_records(data_path("multiple_choice", f"quartz_{split}.jsonl"))
+        task = Task("quartz", "multiple_choice", recs, pool=read_records(data_path("multiple_choice", "quartz_train.jsonl")),
+                    source=f"data/multiple_choice/quartz_{split}.jsonl")
+    elif name == "instructions":
+        if split not in ("test", "validation", "train"): raise ValueError(f"instructions has test/validation/train, not {split!r}")
+        task = Task("instructions", "generation", read_records(data_path("instructions", f"{split}.jsonl")),
+                    pool=read_records(data_path("instructions", "train.jsonl")), squad_normalize=False,
+                    source=f"data/instructions/{split}.jsonl")
+    elif name == "knowledge":
+        recs = [{"instruction": r["question"], "input": "", "output": r["answer"], "task": "knowledge", "id": r["id"]}
+                for r in read_records(data_path("knowledge", "questions.jsonl"))]
+        task = Task("knowledge", "generation", recs, source="data/knowledge/questions.jsonl (closed-book)")
+    elif name in HUB_TASKS and not Path(name).exists():
+        task = _hub_task(name, None if split == "test" else split)
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"load_task({name!r}): no such task or file. Known tasks: quartz, instructions, knowledge, "
+                                    f"{', '.join(HUB_TASKS)} (online); or give the path of an MMLU .csv or an ARC / HellaSwag / gslm .jsonl file")
+        if path.suffix.lower() == ".csv": fmt, recs = "mmlu", parse_mmlu_csv(path)
+        else: fmt, recs = parse_benchmark_jsonl(path, format)
+        if fmt == "generation": task = Task(path.stem, "generation", recs, source=str(path))
+        else:
+            t, d, desc, key = _RECIPES[fmt]
+            if fmt == "mmlu" and recs[0].get("subject"):
+                desc = f"The following are multiple choice questions (with answers) about {recs[0]['subject']}."
+            task = Task(path.stem, "multiple_choice", recs, t, d, [], desc, key, source=str(path))
+    if limit is not None: task.records = task.records[:limit]
+    return task
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #67fbb8c7
+def bootstrap_ci(values: Sequence[float], n: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    "Percentile-bootstrap (1-alpha) confidence interval of the mean of `values` (per-question scores, or paired differences)."
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0: raise ValueError("bootstrap_ci of no values: pass at least one score")
+    if not 0 < alpha < 1: raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([v[rng.integers(0, v.size, (min(200, n - s), v.size))].mean(1) for s in range(0, n, 200)])
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #1dac6f0a
+def mc_prompts(task: Task, *, k_shot: int = 0, template: str | None = None, seed: int = 0, pool: Sequence[dict] | None = None,
+               description: str | None = None, select: str = "random", chat_tokenizer=None) -> list[str]:
+    "The context of every question of a multiple-choice task: description, k demonstrations from the pool, the question."
+    from gslm.prompts import KShot
+    template = template or task.template
+    pool = list(task.pool if pool is None else pool)
+    if k_shot > 0 and len(pool) < k_shot:
+        raise ValueError(f"k_shot={k_shot} needs a pool of at least {k_shot} solved examples (task {task.name!r} has {len(pool)}): pass pool=")
+    key = task.choice_key
+    solved = [{**r, "_target": r[key][r["answer"]]} for r in pool] if k_shot > 0 else []
+    ks = KShot(solved, k_shot, select=select, seed=seed, example=template + task.target_delimiter + "{_target}", query=template,
+               header=task.description if description is None else description, sep="\n\n")
+    prompts = [ks(r) for r in task.records]
+    if chat_tokenizer is not None:
+        prompts = [chat_tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                   for p in prompts]
+    return prompts
+
+def _as_task(data, kind: str) -> Task:
+    if isinstance(data, Task): task = data
+    elif isinstance(data, (str, Path)): task = load_task(data)
+    else: task = Task("records", kind, list(data))
+    if task.kind != kind: raise ValueError(f"task {task.name!r} is a {task.kind} task; use evaluate_{task.kind}")
+    return task
+
+def evaluate_multiple_choice(model, tokenizer, data, *, k_shot: int = 0, template: str | None = None, normalize: str = "none",
+                             seed: int = 0, batch_size: int = 8, pool: Sequence[dict] | None = None, description: str | None = None,
+                             select: str = "random", chat: bool = False, limit: int | None = None, n_boot: int = 1000,
+                             desc: str | None = None, show_progress: bool = True):
+    "Score every choice by log-likelihood (lm-eval's acc / acc_norm) → (DataFrame, one row per question; summary dict with a bootstrap CI)."
+    import pandas as pd
+    if normalize not in ("none", "length"): raise ValueError(f"normalize={normalize!r}: use 'none' (acc) or 'length' (acc_norm)")
+    task = _as_task(data, "multiple_choice")
+    recs = task.records[:limit] if limit is not None else task.records
+    sub = Task(task.name, task.kind, recs, task.template, task.target_delimiter, task.pool, task.description, task.choice_key)
+    prompts = mc_prompts(sub, k_shot=k_shot, template=template, seed=seed, pool=pool, description=description, select=select,
+                         chat_tokenizer=tokenizer if chat else None)
+    delim = "" if chat else task.target_delimiter
+    ctxs, conts = [], []
+    for p, r in zip(prompts, recs):
+        pairs = [encode_pair(tokenizer, p, delim + str(c)) for c in r[task.choice_key]]
+        ctxs.append(pairs[0][0]); conts.append([k for _, k in pairs])
+    lls = choice_logprobs(model, ctxs, conts, batch_size=batch_size, desc=desc or f"{task.name} {k_shot}-shot",
+                          show_progress=show_progress)
+    lengths = [[float(len(str(c))) for c in r[task.choice_key]] for r in recs]        # lm-eval's acc_norm: characters of the choice
+    df = pd.DataFrame({"question": [r["question"] for r in recs], "choices": [list(r[task.choice_key]) for r in recs],
+                       "label": [r["answer"] for r in recs], "loglik": lls})
+    df["pred"] = [int(np.argmax(l)) for l in lls]
+    df["pred_norm"] = [int(np.argmax(np.array(l) / np.array(n))) for l, n in zip(lls, lengths)]
+    df["acc"] = (df.pred == df.label).astype(float)
+    df["acc_norm"] = (df.pred_norm == df.label).astype(float)
+    df["correct"] = df["acc" if normalize == "none" else "acc_norm"]
+    metric = "acc" if normalize == "none" else "acc_norm"
+    lo, hi = bootstrap_ci(df.correct, n=n_boot, seed=seed)
+    chance = float(np.mean([1 / len(r[task.choice_key]) for r in recs]))
+    summary = {"task": task.name, "n": len(df), "k_shot": k_shot, "metric": metric, "accuracy": float(df.correct.mean()),
+               "ci_low": lo, "ci_high": hi, "chance": chance, "excludes_chance": bool(lo > chance or hi < chance),
+               "acc": float(df.acc.mean()), "acc_norm": float(df.acc_norm.mean()),
+               "prompt_tokens": float(np.mean([len(c) for c in ctxs]))}
+    return df, summary
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #2c1ad2ad
+def evaluate_generation(model, tokenizer, data, *, template: str = "auto", system: str | None = None, max_new_tokens: int = 24,
+                        batch_size: int = 16, limit: int | None = None, normalize: bool | None = None, n_boot: int = 1000,
+                        seed: int = 0, desc: str | None = None):
+    "Greedy answers scored by exact match and token F1 (gslm.metrics) → (DataFrame, one row per record; summary with bootstrap CIs)."
+    import pandas as pd
+    from gslm.metrics import exact_match, token_f1
+    from gslm.sft import instruction_pair, generate_answers, normalize_answer
+    task = _as_task(data, "generation")
+    recs = task.records[:limit] if limit is not None else task.records
+    if not recs: raise ValueError(f"task {task.name!r} has no records to evaluate")
+    norm = task.squad_normalize if normalize is None else normalize
+    prompts = [instruction_pair(r, tokenizer, template, system)[0] for r in recs]
+    raw = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           desc=desc or f"{task.name} generate")
+    preds = [normalize_answer(p) for p in raw]
+    refs = [normalize_answer(str(r["output"])) for r in recs]
+    df = pd.DataFrame({"task": [r.get("task", task.name) for r in recs], "prompt": [r["instruction"] for r in recs],
+                       "reference": refs, "prediction": preds})
+    df["em"] = [exact_match([p], [r], normalize=norm) for p, r in zip(preds, refs)]
+    df["f1"] = [token_f1([p], [r]) for p, r in zip(preds, refs)]
+    em_lo, em_hi = bootstrap_ci(df.em, n=n_boot, seed=seed)
+    f1_lo, f1_hi = bootstrap_ci(df.f1, n=n_boot, seed=seed)
+    summary = {"task": task.name, "n": len(df), "metric": "exact_match", "accuracy": float(df.em.mean()), "ci_low": em_lo,
+               "ci_high": em_hi, "f1": float(df.f1.mean()), "f1_ci_low": f1_lo, "f1_ci_high": f1_hi, "normalized": norm}
+    return df, summary
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #3dd08e76
+def plot_accuracy(summaries, label: str = "name", ax=None, title: str | None = None):
+    "Accuracy with bootstrap CI error bars (and the chance level where known) for a list of summaries / a DataFrame of them."
+    import matplotlib.pyplot as plt, pandas as pd
+    df = pd.DataFrame(list(summaries) if not isinstance(summaries, pd.DataFrame) else summaries)
+    if label not in df: df[label] = [f"{r.task} {r.get('k_shot', '')}" for _, r in df.iterrows()]
+    ax = ax or plt.subplots(figsize=(1.2 + 0.9 * len(df), 3.2))[1]
+    x = np.arange(len(df))
+    err = np.vstack([df.accuracy - df.ci_low, df.ci_high - df.accuracy])
+    ax.errorbar(x, df.accuracy, yerr=err, fmt="o", capsize=5, color="C0", label="accuracy, 95% CI")
+    if "chance" in df and df.chance.notna().any():
+        for xi, c in zip(x, df.chance):
+            if pd.notna(c): ax.hlines(c, xi - 0.4, xi + 0.4, colors="C3", linestyles="--")
+        ax.plot([], [], "C3--", label="chance")
+    ax.set_xticks(x, df[label], rotation=20, ha="right"); ax.set_ylabel("accuracy"); ax.legend(fontsize=8)
+    if title: ax.set_title(title)
+    return ax
