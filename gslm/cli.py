@@ -146,4 +146,4 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(); return 2
     return 0
 
-if __name__ == "__main__": sys.exit(main())   # `python -m gslm.cli ...` works like the console script
+if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gslm.cli ...` (not in a notebook)
