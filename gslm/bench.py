@@ -354,3 +354,7 @@ register(KV_BENCH_NAME)(bench_kv_cache);
 # %% ../nbs/08_performance/80_benchmarks.ipynb #a7e1b2c4
 from .attention import ATTENTION_BENCH_NAME, bench_attention_memory
 register(ATTENTION_BENCH_NAME)(bench_attention_memory);
+
+# %% ../nbs/08_performance/80_benchmarks.ipynb #509fcbd3
+from .rag import RAG_BENCH_NAME, bench_vector_search
+register(RAG_BENCH_NAME)(bench_vector_search);

@@ -16,8 +16,9 @@ __all__ = ['DEFAULT_QUESTION', 'quickstart', 'quick_sft', 'build_parser', 'main'
 DEFAULT_QUESTION = "What is the capital of France, and what river flows through it? Answer in two sentences."
 
 def quickstart(model: str = "smollm2", question: str = DEFAULT_QUESTION, max_new_tokens: int = 48,
-               device: str | None = None, top_n: int = 3, sft_steps: int = 10, strategy_tokens: int = 24) -> "GenerationLog":
-    "Load `model`, print its summary, answer `question` with a per-token log, compare decoding strategies, then a short LoRA SFT with exact match before/after."
+               device: str | None = None, top_n: int = 3, sft_steps: int = 10, strategy_tokens: int = 24,
+               rag: bool = True) -> "GenerationLog":
+    "Load `model`, print its summary, answer `question` with a per-token log, compare decoding strategies, answer a question by retrieval, then a short LoRA SFT with exact match before/after."
     from gslm.models import load_model, model_summary, generate_with_log
     t0 = time.perf_counter()
     rep = env_report(packages=("gslm", "torch", "transformers"))
@@ -37,6 +38,11 @@ def quickstart(model: str = "smollm2", question: str = DEFAULT_QUESTION, max_new
         print(f"{'strategy':<36} tokens  mean log-p  tokens/s  text")
         for name, r in df.iterrows():
             print(f"{name:<36} {r.tokens:>6}  {r.mean_logprob:>10.3f}  {r.tokens_per_s:>8.1f}  {r.text}")
+    if rag:
+        from gslm.rag import quickstart_rag
+        print("\n== a retrieval-augmented answer (all-MiniLM-L6-v2 over the course's knowledge base, top-3 passages; gslm.rag)")
+        t = time.perf_counter(); quickstart_rag(m, tok)
+        print(f"({human_seconds(time.perf_counter() - t)}: embed 42 documents, search, answer from the passages)")
     if sft_steps > 0: quick_sft(model, sft_steps, device)
     print(f"\ndone in {human_seconds(time.perf_counter() - t0)}")
     return log
@@ -69,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     q.add_argument("--sft-steps", type=int, default=10, help="steps of the short LoRA fine-tuning at the end (0: skip it)")
     q.add_argument("--strategy-tokens", type=int, default=24, help="new tokens per decoding strategy in the comparison (0: skip it)")
+    q.add_argument("--no-rag", action="store_true", help="skip the retrieval-augmented answer")
     sub.add_parser("env", help="print the environment report (versions, device, memory, offline)")
     s = sub.add_parser("sft", help="fine-tune a model on instruction data as a YAML config says (resumes; writes model, metrics, plot)")
     s.add_argument("config", nargs="?", help="the YAML config file (see `gslm sft --example`)")
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sft_steps < 0: parser.error("--sft-steps must be 0 (skip) or more")
         if args.strategy_tokens < 0: parser.error("--strategy-tokens must be 0 (skip) or more")
         try: quickstart(args.model, args.question, args.max_new_tokens, args.device, sft_steps=args.sft_steps,
-                        strategy_tokens=args.strategy_tokens)
+                        strategy_tokens=args.strategy_tokens, rag=not args.no_rag)
         except (OSError, ValueError, ImportError, RuntimeError) as e:   # a clear message, not a traceback
             print(f"gslm quickstart: error: {e}", file=sys.stderr); return 1
     elif args.command == "env":

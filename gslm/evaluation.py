@@ -19,7 +19,8 @@ from .core import progress, data_path, is_offline
 # %% auto #0
 __all__ = ['HUB_TASKS', 'LETTERS', 'token_logprobs', 'sequence_logprobs', 'encode_pair', 'choice_logprobs', 'Task',
            'parse_mmlu_csv', 'parse_benchmark_jsonl', 'load_task', 'bootstrap_ci', 'mc_prompts',
-           'evaluate_multiple_choice', 'evaluate_generation', 'plot_accuracy']
+           'evaluate_multiple_choice', 'evaluate_generation', 'plot_accuracy', 'choice_hidden_states', 'ChoiceProbe',
+           'fit_choice_probe', 'probe_multiple_choice']
 
 # %% ../nbs/05_evaluation/51_benchmarks.ipynb #71f3b897
 def token_logprobs(logits: Tensor, targets: Tensor, chunk: int = 2048) -> Tensor:
@@ -448,3 +449,95 @@ def plot_accuracy(summaries, label: str = "name", ax=None, title: str | None = N
     ax.set_xticks(x, df[label], rotation=20, ha="right"); ax.set_ylabel("accuracy"); ax.legend(fontsize=8)
     if title: ax.set_title(title)
     return ax
+
+# %% ../nbs/05_evaluation/51_benchmarks.ipynb #6bf6607c
+@torch.no_grad()
+def choice_hidden_states(model, tokenizer, data, *, template: str | None = None, layers: Sequence[int] | None = None,
+                         batch_size: int = 8, limit: int | None = None, show_progress: bool = True) -> np.ndarray:
+    "Hidden state at the last token of every (question + choice) text → float32 array [questions, choices, layers, hidden] (all layers by default: index = layer, 0 = embeddings)."
+    task = _as_task(data, "multiple_choice")
+    recs = task.records[:limit] if limit is not None else task.records
+    sub = Task(task.name, task.kind, recs, task.template, task.target_delimiter, task.pool, task.description, task.choice_key)
+    ks = {len(r[task.choice_key]) for r in recs}
+    if len(ks) != 1: raise ValueError(f"choice_hidden_states needs the same number of choices for every question (got {sorted(ks)})")
+    k = ks.pop()
+    seqs = []
+    for p, r in zip(mc_prompts(sub, template=template), recs):
+        for c in r[task.choice_key]:
+            ctx, cont = encode_pair(tokenizer, p, task.target_delimiter + str(c)); seqs.append(ctx + cont)
+    n_states = model.config.num_hidden_layers + 1
+    layers = list(range(n_states)) if layers is None else [int(l) % n_states for l in layers]
+    out = np.zeros((len(seqs), len(layers), model.config.hidden_size), np.float32)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    dev = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    was = model.training; model.eval()
+    try:
+        for s in progress(range(0, len(order), batch_size), desc="hidden states", leave=False, disable=not show_progress):
+            idx = order[s:s + batch_size]; L = max(len(seqs[i]) for i in idx)
+            ids = torch.tensor([[pad] * (L - len(seqs[i])) + seqs[i] for i in idx], device=dev)
+            mask = torch.tensor([[0] * (L - len(seqs[i])) + [1] * len(seqs[i]) for i in idx], device=dev)
+            hs = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                       output_hidden_states=True).hidden_states
+            out[idx] = torch.stack([hs[l][:, -1] for l in layers], 1).float().cpu().numpy()
+    finally:
+        model.train(was)
+    return out.reshape(len(recs), k, len(layers), -1)
+
+@dataclass
+class ChoiceProbe:
+    "A linear score per choice, `states @ weight`; the prediction is the choice with the highest score."
+    weight: np.ndarray                 # [hidden], in the units of the raw states (the standardisation folded in)
+    C: float
+    def scores(self, states: np.ndarray) -> np.ndarray: return np.asarray(states, dtype=np.float64) @ self.weight
+    def predict(self, states: np.ndarray) -> np.ndarray: return self.scores(states).argmax(-1)
+
+def _pairwise(states: np.ndarray, labels) -> np.ndarray:
+    "Differences correct − other for every question and wrong choice: [pairs, hidden]."
+    states, labels = np.asarray(states, dtype=np.float64), np.asarray(labels)
+    if states.ndim != 3: raise ValueError(f"states must be [questions, choices, hidden] (one layer); got shape {states.shape}")
+    if len(labels) != len(states): raise ValueError(f"{len(states)} questions but {len(labels)} labels")
+    rows = [states[i, labels[i]] - states[i, j] for i in range(len(states)) for j in range(states.shape[1]) if j != labels[i]]
+    return np.stack(rows)
+
+def fit_choice_probe(states: np.ndarray, labels, *, C: float = 1.0, max_iter: int = 200) -> ChoiceProbe:
+    "L2-regularised logistic regression on standardised choice differences (scikit-learn's objective, no intercept), solved by L-BFGS."
+    d = _pairwise(states, labels)
+    X = np.concatenate([d, -d]); y = np.concatenate([np.ones(len(d)), np.zeros(len(d))])
+    scale = X.std(0); scale[scale == 0] = 1.0                       # the mean is 0 by symmetry
+    Xt, yt = torch.tensor(X / scale), torch.tensor(y)
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            history_size=20, line_search_fn="strong_wolfe")
+    def closure():
+        opt.zero_grad()
+        loss = C * torch.nn.functional.binary_cross_entropy_with_logits(Xt @ w, yt, reduction="sum") + 0.5 * (w * w).sum()
+        loss.backward(); return loss
+    opt.step(closure)
+    return ChoiceProbe(w.detach().numpy() / scale, C)
+
+def probe_multiple_choice(train_states: np.ndarray, train_labels, test_states: np.ndarray, test_labels, *,
+                          layers: Sequence[int] | None = None, Cs: Sequence[float] = (1e-4, 1e-3, 1e-2), folds: int = 5,
+                          seed: int = 0, n_boot: int = 1000):
+    "Choose (layer, C) by k-fold cross-validation on the training questions (`layers`: indices of the states' layer axis to try, default all), refit on all of them, score the test questions once → (CV table, summary with a bootstrap CI)."
+    import pandas as pd
+    ytr, yte = np.asarray(train_labels), np.asarray(test_labels)
+    if train_states.ndim != 4 or test_states.ndim != 4:
+        raise ValueError("states must be [questions, choices, layers, hidden], as choice_hidden_states returns them")
+    fold_of = np.random.default_rng(seed).permutation(len(ytr)) % folds
+    rows = []
+    for layer in (range(train_states.shape[2]) if layers is None else layers):
+        for C in Cs:
+            accs = [float((fit_choice_probe(train_states[fold_of != f, :, layer], ytr[fold_of != f], C=C)
+                           .predict(train_states[fold_of == f, :, layer]) == ytr[fold_of == f]).mean()) for f in range(folds)]
+            rows.append({"layer": layer, "C": C, "cv_accuracy": float(np.mean(accs)), "cv_std": float(np.std(accs))})
+    cv = pd.DataFrame(rows)
+    best = cv.loc[cv.cv_accuracy.idxmax()]
+    layer, C = int(best.layer), float(best.C)
+    probe = fit_choice_probe(train_states[:, :, layer], ytr, C=C)
+    correct = (probe.predict(test_states[:, :, layer]) == yte).astype(float)
+    lo, hi = bootstrap_ci(correct, n=n_boot, seed=seed)
+    chance = 1 / train_states.shape[1]
+    summary = {"layer": layer, "C": C, "cv_accuracy": float(best.cv_accuracy), "n": len(yte), "accuracy": float(correct.mean()),
+               "ci_low": lo, "ci_high": hi, "chance": chance, "excludes_chance": bool(lo > chance or hi < chance), "probe": probe}
+    return cv, summary

@@ -17,9 +17,11 @@ def test_quickstart_answers_offline():
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     for part in ("== environment", "== model: smollm2", "134,515,008 parameters", "== answer", "== generation log",
+                 "== a retrieval-augmented answer", "retrieved: Bramo",
                  "== a short fine-tuning: smollm2 + LoRA, 2 steps", "exact match on 16 held-out instructions"):
         assert part in out
     assert "Paris" in out.split("== answer", 1)[1]
+    assert "answer: Yeva Nuith" in out.split("== a retrieval-augmented answer", 1)[1]   # the founder is only in the passages
 
 
 def test_bad_model_is_a_clear_error_not_a_traceback():

@@ -211,3 +211,39 @@ def test_evaluate_generation_matches_sft(smollm2):
     ref = evaluate_instructions(model, tok, recs, max_new_tokens=12)
     assert list(df.em.astype(bool)) == list(ref.correct)
     assert s["n"] == 6 and 0 <= s["ci_low"] <= s["accuracy"] <= s["ci_high"] <= 1
+
+
+def test_choice_probe_equals_sklearn_and_finds_a_planted_direction():
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from gslm.evaluation import fit_choice_probe, probe_multiple_choice, _pairwise
+    rng = np.random.default_rng(3)
+    S = rng.normal(size=(240, 3, 12)); y = rng.integers(0, 3, 240)           # three choices
+    S[np.arange(240), y, 5] += 1.5
+    probe = fit_choice_probe(S[:160], y[:160], C=0.05)
+    d = _pairwise(S[:160], y[:160]); X = np.concatenate([d, -d]); sc = X.std(0)
+    sk = LogisticRegression(C=0.05, fit_intercept=False, tol=1e-10, max_iter=10_000).fit(X / sc, np.r_[np.ones(len(d)), np.zeros(len(d))])
+    np.testing.assert_allclose(probe.weight * sc, sk.coef_[0], rtol=1e-5, atol=1e-7)
+    assert int(np.abs(probe.weight).argmax()) == 5
+    assert (probe.predict(S[160:]) == y[160:]).mean() > 0.7
+    # the protocol: layer chosen by cross-validation on the training questions — layer 1 carries the plant, layer 0 is noise
+    H = np.stack([rng.normal(size=S.shape), S], 2)                           # [questions, choices, layers, hidden]
+    cv, s = probe_multiple_choice(H[:160], y[:160], H[160:], y[160:], folds=4)
+    assert s["layer"] == 1 and s["excludes_chance"] and s["ci_low"] > 1 / 3
+    assert len(cv) == 2 * 3 and cv.cv_accuracy.between(0, 1).all()
+    with pytest.raises(ValueError, match="questions, choices, layers, hidden"):
+        probe_multiple_choice(S, y, S, y)
+
+
+def test_choice_hidden_states_match_a_single_forward(smollm2):
+    model, tok = smollm2
+    from gslm.evaluation import choice_hidden_states, load_task, encode_pair, mc_prompts
+    task = load_task("quartz", limit=3)
+    H = choice_hidden_states(model, tok, task, layers=[0, -1], batch_size=4, show_progress=False)
+    assert H.shape == (3, 2, 2, model.config.hidden_size)
+    r = task.records[1]
+    ctx, cont = encode_pair(tok, mc_prompts(task)[1], task.target_delimiter + r["choices"][1])
+    with torch.no_grad():
+        hs = model(torch.tensor([ctx + cont]), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(torch.from_numpy(H[1, 1, 1]), hs[-1][0, -1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(H[1, 1, 0]), hs[0][0, -1])
