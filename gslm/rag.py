@@ -267,18 +267,18 @@ class VectorIndex:
         if backend not in ("torch", "faiss"): raise ValueError(f"backend={backend!r}: use 'torch' or 'faiss'")
         if backend == "faiss": _faiss()
         self.dim, self.backend, self.meta = int(dim), backend, dict(meta or {})
-        self._vecs = torch.zeros(0, self.dim)
+        self._t = torch.zeros(self.dim, 0)        # stored transposed, [dim, n]: one query reads it row by row (see below)
         self._faiss = None
-    def __len__(self) -> int: return self._vecs.shape[0]
+    def __len__(self) -> int: return self._t.shape[1]
     def __repr__(self) -> str: return f"VectorIndex({len(self)} × {self.dim}, backend={self.backend!r})"
     @property
-    def vectors(self) -> np.ndarray: return self._vecs.numpy()
+    def vectors(self) -> np.ndarray: return self._t.T.numpy()
     def add(self, vectors) -> "VectorIndex":
         "Append rows [n, dim] (numpy or torch; stored as float32); their ids continue from len(self)."
         v = torch.as_tensor(np.asarray(vectors, dtype=np.float32) if not torch.is_tensor(vectors) else vectors).float()
         if v.ndim != 2 or v.shape[1] != self.dim:
             raise ValueError(f"vectors must have shape [n, {self.dim}], got {tuple(v.shape)}: embed with the same model as the index")
-        self._vecs = torch.cat([self._vecs, v.contiguous()]) if len(self) else v.contiguous().clone()
+        self._t = torch.cat([self._t, v.T], dim=1).contiguous() if len(self) else v.T.contiguous()
         self._faiss = None
         return self
     def search(self, queries, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -290,16 +290,16 @@ class VectorIndex:
         k = min(k, len(self))
         if self.backend == "faiss":
             if self._faiss is None:
-                self._faiss = _faiss().IndexFlatIP(self.dim); self._faiss.add(self._vecs.numpy())
+                self._faiss = _faiss().IndexFlatIP(self.dim); self._faiss.add(np.ascontiguousarray(self.vectors))
             s, i = self._faiss.search(np.ascontiguousarray(q.numpy()), k)
             return s, i.astype(np.int64)
-        s, i = torch.topk(q.contiguous() @ self._vecs.T, k, dim=1)
+        s, i = torch.topk(q.contiguous() @ self._t, k, dim=1)
         return s.numpy(), i.numpy()
     def save(self, path: str | Path) -> Path:
         "Write the index to `path` (.npz) atomically: a temporary file in the same folder, then os.replace."
         path = Path(path)
         meta = json.dumps({"format": self.FORMAT, "dim": self.dim, "n": len(self), "meta": self.meta})
-        _atomic_save(path, lambda f: np.savez(f, vectors=self._vecs.numpy(), header=np.array(meta)))
+        _atomic_save(path, lambda f: np.savez(f, vectors=np.ascontiguousarray(self.vectors), header=np.array(meta)))
         return path
     @classmethod
     def load(cls, path: str | Path, backend: str = "torch") -> "VectorIndex":
