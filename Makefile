@@ -31,7 +31,8 @@ check-sync: setup                   ## nbdev_export / nbdev_clean change nothing
 	$(BIN)/python .ci/check_sync.py
 
 nbtest: setup                       ## execute every notebook (cells marked #| gpu, slow, notest are skipped)
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/nbdev_test --timing --n_workers 2   # two notebooks at once, a core each
+	@start=$$(date +%s); HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/nbdev_test --timing --n_workers 2; rc=$$?; \
+	echo "nbtest: nbdev_test wall time $$(( $$(date +%s) - start )) s (two notebooks at once, a core each)"; exit $$rc
 
 pytest: setup                       ## oracle tests, bad input, faults, the command line
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

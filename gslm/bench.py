@@ -12,8 +12,11 @@ from typing import Callable
 from .core import env_report, progress
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'TRAIN_BENCH_NAME', 'SAMPLING', 'BenchResult', 'register', 'best_of', 'results_table', 'run_benchmarks',
-           'bench_data', 'padding_efficiency', 'bench_train']
+__all__ = ['BENCHMARKS', 'TRAIN_BENCH_NAME', 'SAMPLING', 'FLOPS_BENCH_NAME', 'TOKEN_FILE_MAGIC', 'IO_BENCH_NAME',
+           'SUITE_TARGET_SECONDS', 'BenchResult', 'register', 'best_of', 'results_table', 'run_benchmarks',
+           'bench_data', 'padding_efficiency', 'bench_train', 'matmul_flops', 'matmul_params', 'train_flops',
+           'counted_train_flops', 'bench_train_flops', 'TokenFileError', 'write_token_file', 'TokenFile',
+           'bench_data_io', 'parse_suite_timing', 'read_suite_timing']
 
 # %% ../nbs/08_performance/80_benchmarks.ipynb #166a6833
 @dataclass
@@ -358,3 +361,395 @@ register(ATTENTION_BENCH_NAME)(bench_attention_memory);
 # %% ../nbs/08_performance/80_benchmarks.ipynb #509fcbd3
 from .rag import RAG_BENCH_NAME, bench_vector_search
 register(RAG_BENCH_NAME)(bench_vector_search);
+
+# %% ../nbs/08_performance/80_benchmarks.ipynb #2dfa598b
+FLOPS_BENCH_NAME = "train: FLOP/s utilisation"
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda": torch.cuda.synchronize(device)
+    elif device.type == "mps": torch.mps.synchronize()
+
+def matmul_flops(n: int | None = None, *, seconds: float = 1.0, repeats: int = 3, dtype=None, device=None,
+                 max_n: int = 16384) -> dict:
+    "Measured FLOP/s of a square float32 `torch.mm` (2n³ FLOPs), best of `repeats`; `n=None` picks the size that takes about `seconds`."
+    import torch
+    if n is not None and (not isinstance(n, int) or n < 1): raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not isinstance(repeats, int) or repeats < 1: raise ValueError(f"repeats must be an integer ≥ 1, got {repeats!r}")
+    if not seconds > 0: raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    dtype, device = dtype or torch.float32, torch.device(device or "cpu")
+    def best(k: int, reps: int) -> float:
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(k, k, dtype=dtype, device=device, generator=g); b = torch.randn(k, k, dtype=dtype, device=device, generator=g)
+        torch.mm(a, b); _sync(device)                     # warm-up: the first call allocates and picks a kernel
+        t = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter(); torch.mm(a, b); _sync(device); t = min(t, time.perf_counter() - t0)
+        return t
+    if n is None:                                          # grow until one product is long enough to time, then aim at `seconds`
+        k = 256
+        while (t := best(k, 1)) < min(0.05, seconds / 4) and k < max_n: k *= 2
+        n = int(min(max_n, max(k, round((seconds * k ** 3 / t) ** (1 / 3) / 128) * 128)))
+    t = best(n, repeats)
+    return {"n": n, "seconds": t, "flops": 2 * n ** 3 / t, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+            "threads": torch.get_num_threads()}
+
+def matmul_params(model) -> int:
+    "Weights a token is multiplied through: every `nn.Linear` (the LM head too, also when it is tied to the input embedding)."
+    import torch
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+def train_flops(model, batch_size: int, seq_len: int) -> dict:
+    "FLOPs of one full fine-tuning step (forward + backward) of a causal LM on `batch_size` rows of `seq_len` tokens: 6·N·T + attention."
+    import torch
+    for k, v in {"batch_size": batch_size, "seq_len": seq_len}.items():
+        if not isinstance(v, int) or v < 1: raise ValueError(f"{k} must be an integer ≥ 1, got {v!r}")
+    frozen = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    if frozen:
+        raise ValueError(f"{len(frozen)} linear layers are frozen (e.g. {frozen[0]}): train_flops counts full fine-tuning, where every "
+                         "weight gets a gradient (6 FLOPs per weight and token; a frozen weight skips its gradient and costs 4)")
+    cfg = getattr(model, "config", None)
+    try:
+        L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+        d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    except AttributeError as e:
+        raise TypeError(f"train_flops needs a transformers causal LM (config.num_hidden_layers, num_attention_heads): {e}") from None
+    T = batch_size * seq_len
+    n_all = sum(p.numel() for p in model.parameters())
+    n_emb = model.get_input_embeddings().weight.numel()
+    n_mm = matmul_params(model)
+    dense = 6 * n_mm * T                                   # 2 forward (multiply + add) + 4 backward (input and weight gradients)
+    attention = 12 * L * H * d_head * seq_len * T          # QKᵀ and AV, 2·S·d_head each per token and head, ×3 with backward
+    return {"tokens": T, "params": n_all, "params_non_embedding": n_all - n_emb, "params_matmul": n_mm,
+            "dense": dense, "attention": attention, "total": dense + attention,
+            "6NT": 6 * n_all * T, "6NT_non_embedding": 6 * (n_all - n_emb) * T}
+
+def counted_train_flops(model, batch: dict) -> dict[str, int]:
+    "FLOPs of one forward + backward of `model` on `batch` as torch's `FlopCounterMode` counts them, per operator (CPU SDPA included)."
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count
+    aten = torch.ops.aten
+    # torch has formulas for the GPU attention kernels only: count the CPU kernel with the same formulas
+    def fwd(q, k, v, *args, out_val=None, **kwargs): return sdpa_flop_count(q.shape, k.shape, v.shape)
+    def bwd(g, q, k, v, *args, out_val=None, **kwargs): return sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape)
+    fwd._get_raw = bwd._get_raw = True
+    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: fwd, aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as fc:
+        out = model(**inputs, labels=batch.get("labels", batch["input_ids"]))
+        out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return {str(k).replace("aten.", ""): int(v) for k, v in fc.get_flop_counts()["Global"].items()}
+
+# %% ../nbs/08_performance/80_benchmarks.ipynb #30aceca9
+def _packed_instructions(tok, n_examples: int, seed: int = 0, template: str = "alpaca", seq_len: int | None = None):
+    "A seeded sample of `n_examples` instruction records (at most all), tokenised (prompt masked), packed as `bench_train` does: (rows, seq_len)."
+    import math, random
+    import numpy as np
+    from gslm.core import data_path
+    from gslm.data import read_records, tokenize_pairs, pack
+    records = read_records(data_path() / "instructions" / "train.jsonl")
+    if not isinstance(n_examples, int) or n_examples < 1: raise ValueError(f"n_examples must be an integer ≥ 1, got {n_examples!r}")
+    n_examples = min(n_examples, len(records))                               # at most the whole set
+    tk = tokenize_pairs(*_instruction_pairs(random.Random(seed).sample(records, n_examples), template, tok), tok)
+    lens = np.array([len(x) for x in tk["input_ids"]])
+    seq_len = seq_len or max(int(2 ** math.ceil(math.log2(4 * lens.mean()))), int(lens.max()))   # rows of about four examples
+    return pack(tk, seq_len, pad_id=tok.pad_token_id), seq_len
+
+@register(FLOPS_BENCH_NAME)
+def bench_train_flops(model: str | tuple | None = None, *, quick: bool = False, steps: int | None = None, rows_per_step: int = 4,
+                      seq_len: int | None = None, lr: float = 1e-4, seed: int = 0, matmul_seconds: float | None = None,
+                      num_threads: int | None = None, target: float = 0.3, check: bool = True) -> BenchResult:
+    "Achieved FLOP/s of `gslm.train.fit` steps (full fine-tuning on packed rows) over the machine's measured square-matmul FLOP/s."
+    import copy, math
+    import torch
+    from gslm.models import load_model
+    from gslm.train import TrainConfig, PackedCollator, fit
+    steps = (3 if quick else 4) if steps is None else steps
+    for k, v in {"steps": steps, "rows_per_step": rows_per_step}.items():
+        if not isinstance(v, int) or v < 1: raise ValueError(f"{k} must be an integer ≥ 1, got {v!r}")
+    model = model or ("gslm-tiny" if quick else "smollm2")
+    base, tok = load_model(model) if isinstance(model, str) else model
+    need = (steps + 1) * rows_per_step                         # the first step is a warm-up and is not timed
+    packed, seq_len = _packed_instructions(tok, 6 * need, seed=seed, seq_len=seq_len)   # about 1.5× the rows needed
+    if len(packed["input_ids"]) < need:
+        raise ValueError(f"{len(packed['input_ids'])} packed rows, {need} needed for {steps} + 1 steps of {rows_per_step}: fewer steps or rows")
+    rows = {k: v[:need] for k, v in packed.items()}
+    threads = torch.get_num_threads()
+    if num_threads: torch.set_num_threads(num_threads)
+    try:
+        m = copy.deepcopy(base).float()
+        for p in m.parameters(): p.requires_grad_(True)        # full fine-tuning: what train_flops counts
+        fl = train_flops(m, rows_per_step, seq_len)
+        if check:                                              # the count equals torch's FlopCounterMode on one row of this data
+            counted = counted_train_flops(m, PackedCollator()([{k: v[0] for k, v in rows.items()}]))
+            one = train_flops(m, 1, seq_len)
+            eager = "eager" in str(getattr(m.config, "_attn_implementation", ""))
+            products = sum(v for k, v in counted.items() if k in ("mm", "addmm", "bmm"))
+            kernel = sum(v for k, v in counted.items() if "attention" in k)
+            if products != one["dense"] + (one["attention"] if eager else 0):
+                raise AssertionError(f"matrix-product FLOPs of one row: FlopCounterMode {products:,}, train_flops {one['dense']:,}")
+            if not eager and kernel * 12 != one["attention"] * 14:   # the kernel's backward recomputes the scores: 14/12
+                raise AssertionError(f"attention FLOPs of one row: FlopCounterMode {kernel:,}, train_flops {one['attention']:,} × 14/12")
+        mm = matmul_flops(seconds=matmul_seconds or (0.25 if quick else 1.0))   # the size, and the best of 3 on a quiet moment
+        n = mm["n"]
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        seconds, probe = [], []
+        def after_step(step, row):                             # fit times its step before callbacks run: this is not in it
+            seconds.append(row["seconds"])
+            t0 = time.perf_counter(); torch.mm(a, b); probe.append(time.perf_counter() - t0)
+        cfg = TrainConfig(max_steps=steps + 1, batch_size=rows_per_step, lr=lr, max_grad_norm=1.0, seed=seed, shuffle=False,
+                          progress_bar=False)
+        h = fit(m, rows, collator=PackedCollator(), config=cfg, callbacks=[after_step])
+        if not all(math.isfinite(x) for x in h.loss): raise AssertionError(f"training loss is not finite: {h.loss}")
+        del m, a, b; gc.collect()
+    finally:
+        torch.set_num_threads(threads)
+    timed, probed = seconds[1:], probe[1:]
+    achieved = fl["total"] * len(timed) / sum(timed)
+    peer = 2 * n ** 3 * len(probed) / sum(probed)            # the matmul rate between the timed steps: the same load as the steps
+    name = model if isinstance(model, str) else getattr(base.config, "name_or_path", "") or type(base).__name__
+    info = dict(model=name, rows_per_step=rows_per_step, seq_len=seq_len, tokens_per_step=fl["tokens"], steps=len(timed),
+                step_seconds=timed, warmup_seconds=seconds[0], flops_per_step=fl["total"], flops_dense=fl["dense"],
+                flops_attention=fl["attention"], params=fl["params"], params_matmul=fl["params_matmul"], achieved_flops=achieved,
+                matmul_n=n, matmul_flops=peer, matmul_between_steps=[2 * n ** 3 / t for t in probed], matmul_best=mm["flops"],
+                mfu=achieved / peer, mfu_of_best=achieved / mm["flops"], threads=mm["threads"], loss=list(h.loss))
+    detail = (f"{name}, {rows_per_step}×{seq_len} tokens/step, {fl['total'] / 1e9:.2f} GFLOP/step; "
+              f"matmul n={n} float32 between the steps, {mm['threads']} thread(s)")
+    return BenchResult(FLOPS_BENCH_NAME, gslm=achieved, peer=peer, peer_name="torch.mm, square float32", target=target,
+                       unit="FLOP/s", detail=detail, higher_is_better=True, info=info)
+
+# %% ../nbs/08_performance/80_benchmarks.ipynb #33d32d59
+import json, mmap, os, struct, zlib
+from pathlib import Path
+import numpy as np
+import torch
+
+TOKEN_FILE_MAGIC = b"GSLMTOK1"
+_ALIGN = 64
+
+class TokenFileError(ValueError):
+    "A token file that is not one, is truncated or is corrupted; the message names the file."
+
+def _fits(dt, lo: int, hi: int) -> bool:
+    info = np.iinfo(dt)
+    return info.min <= lo and hi <= info.max
+
+def write_token_file(path: str | Path, columns: dict, *, dtype=None) -> Path:
+    "Write variable-length token sequences (aligned columns such as input_ids and labels) to one memory-mappable file, atomically."
+    path = Path(path)
+    if not isinstance(columns, dict) or not columns:
+        raise ValueError("columns must be a non-empty dict of sequences, e.g. {'input_ids': [[1, 2], [3]]} (tokenize_pairs output)")
+    names = list(columns)
+    first = columns[names[0]]
+    n = len(first)
+    lengths = np.fromiter((len(x) for x in first), dtype=np.int64, count=n)
+    for k in names[1:]:
+        if len(columns[k]) != n: raise ValueError(f"column {k!r} has {len(columns[k])} examples, {names[0]!r} has {n}")
+        other = np.fromiter((len(x) for x in columns[k]), dtype=np.int64, count=n)
+        if (other != lengths).any():
+            i = int(np.argmax(other != lengths))
+            raise ValueError(f"example {i}: {k!r} has {other[i]} tokens, {names[0]!r} has {lengths[i]}: columns must align token by token")
+    index = np.zeros(n + 1, dtype="<i8"); np.cumsum(lengths, out=index[1:])
+    total = int(index[-1])
+    arrays = {}
+    for k in names:
+        flat = np.fromiter((t for x in columns[k] for t in x), dtype=np.int64, count=total)
+        lo, hi = (int(flat.min()), int(flat.max())) if total else (0, 0)
+        dt = np.dtype(dtype) if dtype is not None else next(np.dtype(d) for d in ("<u2", "<i4", "<i8") if _fits(d, lo, hi))
+        if not _fits(dt, lo, hi): raise ValueError(f"column {k!r} has values in [{lo}, {hi}], which do not fit dtype {dt}")
+        arrays[k] = flat.astype(dt.newbyteorder("<"))
+    crc = zlib.crc32(index.tobytes())
+    for a in arrays.values(): crc = zlib.crc32(a.tobytes(), crc)
+    align = lambda x: -(-x // _ALIGN) * _ALIGN
+    start = _ALIGN
+    while True:                                            # the header holds the offsets, which depend on the header's size
+        pos, layout = align(start), {}
+        index_offset, pos = pos, align(pos + index.nbytes)
+        for k, a in arrays.items(): layout[k], pos = {"dtype": a.dtype.str, "offset": pos}, align(pos + a.nbytes)
+        header = json.dumps({"version": 1, "n_examples": n, "n_tokens": total, "index_offset": index_offset, "columns": layout,
+                             "file_size": pos, "crc32": crc}).encode()
+        if align(16 + len(header)) <= start: break
+        start = align(16 + len(header))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(TOKEN_FILE_MAGIC + struct.pack("<Q", len(header)) + header)
+            for off, a in [(index_offset, index)] + [(layout[k]["offset"], a) for k, a in arrays.items()]:
+                f.write(b"\0" * (off - f.tell())); f.write(a.tobytes())
+            f.write(b"\0" * (pos - f.tell()))
+            f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)                              # atomic: a reader sees the old file or the whole new one
+    finally:
+        if tmp.exists(): tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY); os.fsync(fd); os.close(fd)
+    except OSError: pass                                   # some file systems cannot fsync a directory
+    return path
+
+class TokenFile(torch.utils.data.Dataset):
+    "Pre-tokenised examples from `write_token_file`, memory-mapped: `tf[i]` is a dict of token-id lists; opening maps the file, reads nothing else."
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._open()
+
+    def _bad(self, what: str) -> TokenFileError:
+        return TokenFileError(f"{self.path}: {what}; write it again with gslm.bench.write_token_file")
+
+    def _open(self) -> None:
+        p = self.path
+        if not p.is_file(): raise FileNotFoundError(f"{p}: no such token file (write one with gslm.bench.write_token_file)")
+        size = p.stat().st_size
+        with open(p, "rb") as f: head = f.read(16)
+        if len(head) < 16 or head[:8] != TOKEN_FILE_MAGIC:
+            raise self._bad(f"not a gslm token file (starts with {head[:8]!r}, expected {TOKEN_FILE_MAGIC!r})")
+        (hlen,) = struct.unpack("<Q", head[8:])
+        if 16 + hlen > size: raise self._bad(f"truncated: {size:,} bytes, the header alone needs {16 + hlen:,}")
+        with open(p, "rb") as f: f.seek(16); raw = f.read(hlen)
+        try:
+            h = json.loads(raw)
+            n, total, cols, crc, expected = h["n_examples"], h["n_tokens"], h["columns"], h["crc32"], h["file_size"]
+            idx_off = h["index_offset"]
+        except (ValueError, KeyError, TypeError) as e: raise self._bad(f"corrupted header ({type(e).__name__}: {e})") from None
+        if size != expected: raise self._bad(f"{'truncated' if size < expected else 'has extra bytes'}: {size:,} bytes, the header says {expected:,}")
+        try:
+            spans = [(idx_off, 8 * (n + 1))] + [(c["offset"], total * np.dtype(c["dtype"]).itemsize) for c in cols.values()]
+        except (TypeError, KeyError, AttributeError) as e: raise self._bad(f"corrupted header ({type(e).__name__}: {e})") from None
+        if not cols or any(not (16 + hlen <= off and off + nb <= size) for off, nb in spans):
+            raise self._bad("corrupted header (a column or the index lies outside the file)")
+        with open(p, "rb") as f: buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = lambda off, dt, count: np.frombuffer(buf, dtype=dt, count=count, offset=off)   # plain arrays over the map, no copy
+        index = view(idx_off, "<i8", n + 1)
+        if index[0] != 0 or index[-1] != total or (n and (np.diff(index) < 0).any()):
+            raise self._bad("corrupted index (offsets not increasing from 0 to the number of tokens)")
+        self.header, self.n_tokens, self._crc, self._index = h, total, crc, index
+        self._cols = {k: view(c["offset"], c["dtype"], total) for k, c in cols.items()}
+
+    def __getstate__(self): return {"path": self.path}    # DataLoader workers (spawn) re-open the file instead of pickling the map
+    def __setstate__(self, state): self.path = state["path"]; self._open()
+    def __len__(self) -> int: return len(self._index) - 1
+    @property
+    def columns(self) -> list[str]: return list(self._cols)
+    @property
+    def lengths(self) -> np.ndarray: return np.diff(self._index)
+    def column(self, name: str) -> np.ndarray:
+        "All tokens of column `name`, concatenated (a read-only view of the file; `lengths` splits it)."
+        if name not in self._cols: raise KeyError(f"{self.path} has columns {self.columns}, not {name!r}")
+        return self._cols[name]
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        n = len(self)
+        if not isinstance(i, (int, np.integer)): raise TypeError(f"index a TokenFile with an int, got {type(i).__name__}")
+        if not -n <= i < n: raise IndexError(f"index {i} out of range for {n} examples in {self.path}")
+        i = int(i) % n
+        a, b = int(self._index[i]), int(self._index[i + 1])
+        return {k: col[a:b].tolist() for k, col in self._cols.items()}   # lists of ints, as tokenize_pairs returns them
+
+    def verify(self) -> "TokenFile":
+        "Check the CRC-32 of the index and tokens (reads the whole file); raise `TokenFileError` naming the file if it changed."
+        crc = zlib.crc32(self._index.tobytes())
+        for c in self._cols.values(): crc = zlib.crc32(c.tobytes(), crc)
+        if crc != self._crc: raise self._bad(f"corrupted: CRC-32 {crc:#010x}, the header says {self._crc:#010x}")
+        return self
+
+    def __repr__(self) -> str: return f"TokenFile({str(self.path)!r}, {len(self):,} examples, {self.n_tokens:,} tokens, columns={self.columns})"
+
+# %% ../nbs/08_performance/80_benchmarks.ipynb #b66fceb9
+IO_BENCH_NAME = "data I/O: memmap vs tokenise on the fly"
+
+class _TokenizeOnTheFly(torch.utils.data.Dataset):
+    "The peer: raw instruction records, formatted and tokenised in `__getitem__` (prompt masked, EOS appended), as one would write it."
+    def __init__(self, records: list[dict], tok): self.records, self.tok, self.eos = records, tok, tok.eos_token_id
+    def __len__(self) -> int: return len(self.records)
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        r = self.records[i]
+        p = self.tok(_alpaca_prompt(r), add_special_tokens=False)["input_ids"]
+        c = self.tok(r["output"], add_special_tokens=False)["input_ids"] + [self.eos]
+        return {"input_ids": p + c, "labels": [-100] * len(p) + c}
+
+def _epoch(ds, batch_size: int, num_workers: int, collate, keep: bool = False) -> tuple[float, float, list]:
+    "Seconds to iterate `ds` once through a DataLoader (worker start-up included), seconds to its first batch, and the batches if `keep`."
+    from torch.utils.data import DataLoader
+    prev = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"         # workers fork after the Rust tokenizer used its threads: keep it quiet
+    try:
+        t0 = time.perf_counter(); out, t_first = [], None
+        for b in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate):
+            if t_first is None: t_first = time.perf_counter() - t0
+            if keep: out.append(b["input_ids"])
+        return time.perf_counter() - t0, t_first, out
+    finally:
+        if prev is None: del os.environ["TOKENIZERS_PARALLELISM"]
+        else: os.environ["TOKENIZERS_PARALLELISM"] = prev
+
+@register(IO_BENCH_NAME)
+def bench_data_io(n: int | None = None, *, quick: bool = False, workers: tuple[int, ...] = (0, 2), batch_size: int = 16,
+                  tokenizer=None, repeats: int = 2, seed: int = 0, path: str | Path | None = None, check: bool = True) -> BenchResult:
+    "Examples/s through a DataLoader: a pre-tokenised memory-mapped `TokenFile` vs tokenising raw records in `__getitem__`, per worker count."
+    import tempfile
+    from gslm.data import make_instructions, tokenize_pairs
+    from gslm.train import PadCollator
+    n = (2_000 if quick else 20_000) if n is None else n
+    if not isinstance(n, int) or n < batch_size: raise ValueError(f"n must be an integer ≥ batch_size={batch_size}, got {n!r}")
+    if not workers or any(not isinstance(w, int) or w < 0 for w in workers): raise ValueError(f"workers must be integers ≥ 0, got {workers!r}")
+    tok = tokenizer or _default_tokenizer()
+    records = make_instructions(n, seed=seed)
+    collate = PadCollator(pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    with tempfile.TemporaryDirectory() as d:
+        file = Path(path) if path else Path(d) / "instructions.tok"
+        t0 = time.perf_counter()                            # the one-off cost: tokenise everything (batched) and write the file
+        tk = tokenize_pairs([_alpaca_prompt(r) for r in records], [r["output"] for r in records], tok)
+        t_tok = time.perf_counter() - t0
+        write_token_file(file, tk)
+        t_build = time.perf_counter() - t0
+        t0 = time.perf_counter(); tf = TokenFile(file); t_open = time.perf_counter() - t0
+        sides = {"memmap": tf, "on the fly": _TokenizeOnTheFly(records, tok), "in memory": [dict(zip(tk, v)) for v in zip(*tk.values())]}
+        rates, first_batch, first = {}, {}, {}
+        for w in workers:
+            for _ in range(repeats):                        # interleaved, best of `repeats`: the machine is shared
+                for side, ds in sides.items():
+                    if side == "in memory" and w: continue  # fit's own path: a list in RAM, indexed in the main process
+                    s, s1, batches = _epoch(ds, batch_size, w, collate, keep=check and (side, w) not in first)
+                    rates[side, w] = max(rates.get((side, w), 0.0), n / s)
+                    first_batch[side, w] = min(first_batch.get((side, w), float("inf")), s1)
+                    if check and (side, w) not in first: first[side, w] = batches
+        file_bytes = file.stat().st_size
+        del tf, sides["memmap"]
+    if check:                                               # every path fed the model the same token ids, batch for batch
+        ref = first["in memory", 0] if ("in memory", 0) in first else next(iter(first.values()))
+        for key, batches in first.items():
+            if len(batches) != len(ref) or any(not torch.equal(a, b) for a, b in zip(batches, ref)):
+                raise AssertionError(f"{key[0]} with {key[1]} workers gave different token ids than the pre-tokenised examples")
+    best = lambda side: max(((rates[side, w], w) for w in workers if (side, w) in rates))
+    (g, wg), (p, wp) = best("memmap"), best("on the fly")
+    info = dict(examples=n, batch_size=batch_size, workers=list(workers), threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                rates={f"{s}, workers={w}": r for (s, w), r in rates.items()},
+                first_batch_seconds={f"{s}, workers={w}": t for (s, w), t in first_batch.items()}, tokenize_seconds=t_tok, build_seconds=t_build,
+                open_seconds=t_open, file_bytes=file_bytes, tokens=int(sum(map(len, tk["input_ids"]))),
+                best_workers={"memmap": wg, "on the fly": wp})
+    detail = f"{n:,} examples, batches of {batch_size}; best of workers {list(workers)}: memmap at {wg}, on the fly at {wp}"
+    return BenchResult(IO_BENCH_NAME, gslm=g, peer=p, peer_name="tokenise in __getitem__", target=1.0, unit="examples/s",
+                       detail=detail, higher_is_better=True, info=info)
+
+# %% ../nbs/08_performance/80_benchmarks.ipynb #b617f448
+import re as _re
+
+SUITE_TARGET_SECONDS = 15 * 60
+
+def parse_suite_timing(text: str) -> tuple["pd.DataFrame", float | None]:
+    "Per-notebook seconds from `nbdev_test --timing` output, slowest first, and the wall time `make nbtest` printed (None if absent)."
+    import pandas as pd
+    rows = [(m[1], float(m[2])) for m in _re.finditer(r"^(\S+\.ipynb): ([\d.]+) secs$", text, _re.M)]
+    if not rows: raise ValueError("no 'NAME.ipynb: N secs' lines: pass the output of nbdev_test --timing (make nbtest prints it)")
+    wall = _re.search(r"nbdev_test wall time (\d+) s", text)
+    df = pd.DataFrame(rows, columns=["notebook", "seconds"]).drop_duplicates("notebook", keep="last")
+    return df.sort_values("seconds", ascending=False, ignore_index=True), (float(wall[1]) if wall else None)
+
+def read_suite_timing(path: str | Path) -> tuple["pd.DataFrame", float | None]:
+    "`parse_suite_timing` of a saved log of `make nbtest` (or an excerpt of one), with errors that name the file."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such file; save the output of `make nbtest` there (make nbtest > {path.name})")
+    try: return parse_suite_timing(path.read_text(errors="replace"))
+    except ValueError as e: raise ValueError(f"{path}: {e}") from None
