@@ -309,8 +309,9 @@ def preference_loss_fn(config: PreferenceConfig) -> Callable[[nn.Module, dict], 
 
 # %% ../nbs/07_rlhf/71_preference.ipynb #b5e1fc2b
 @torch.no_grad()
-def preference_accuracy(model: nn.Module, pairs: Sequence[dict], batch_size: int = 16, pad_id: int = 0) -> dict:
-    "How often `model` gives the chosen answer a higher log-prob than the rejected one (summed; per token), the mean gap, and implicit-reward accuracy when pairs carry reference log-probs."
+def preference_accuracy(model: nn.Module, pairs: Sequence[dict], batch_size: int = 16, pad_id: int = 0,
+                        per_pair: bool = False) -> dict:
+    "How often `model` gives the chosen answer a higher log-prob than the rejected one (summed; per token), the mean gap, and implicit-reward accuracy when pairs carry reference log-probs; `per_pair` adds each pair's 0/1 outcome (`wins`) for paired comparisons."
     was = model.training; model.eval()
     col, dev = PairCollator(pad_id), next(model.parameters()).device
     cs, rs, ncs, nrs, rcs, rrs = [], [], [], [], [], []
@@ -326,6 +327,7 @@ def preference_accuracy(model: nn.Module, pairs: Sequence[dict], batch_size: int
     if rcs:
         d = (c - torch.cat(rcs)) - (r - torch.cat(rrs))
         out |= {"reward_accuracy": (d > 0).float().mean().item(), "reward_margin": d.mean().item()}
+    if per_pair: out["wins"] = (c > r).float().tolist()
     return out
 
 # %% ../nbs/07_rlhf/71_preference.ipynb #3b2704a9
