@@ -21,7 +21,7 @@ from .train import TrainConfig, History, make_optimizer, make_lr_scheduler, micr
 from .evaluation import sequence_logprobs
 
 # %% auto #0
-__all__ = ['preference_examples', 'PairCollator', 'RewardOutput', 'RewardModel', 'bradley_terry_loss', 'pairwise_metrics', 'reward_loss', 'score_pairs', 'PreferenceHistory', 'preference_fit', 'METHODS', 'DEFAULT_BETA', 'dpo_loss', 'ipo_loss', 'log1mexp', 'orpo_loss', 'simpo_loss', 'kto_kl', 'kto_loss', 'pair_logps', 'add_kl_pairs', 'add_reference_logps', 'PreferenceConfig', 'preference_loss_fn', 'preference_accuracy', 'judge_generations']
+__all__ = ['preference_examples', 'PairCollator', 'RewardOutput', 'RewardModel', 'bradley_terry_loss', 'pairwise_metrics', 'reward_loss', 'score_pairs', 'PreferenceHistory', 'preference_fit', 'METHODS', 'DEFAULT_BETA', 'dpo_loss', 'ipo_loss', 'log1mexp', 'orpo_loss', 'simpo_loss', 'kto_kl', 'kto_loss', 'pair_logps', 'add_kl_pairs', 'length_order', 'add_reference_logps', 'PreferenceConfig', 'preference_loss_fn', 'preference_accuracy', 'judge_generations']
 
 # %% ../nbs/07_rlhf/70_reward.ipynb #6b0f165e
 def preference_examples(records: Sequence[dict], tokenizer, template: str = "auto", system: str | None = None,
@@ -246,20 +246,25 @@ def add_kl_pairs(pairs: Sequence[dict]) -> list[dict]:
         out.append({**p, "kl_input_ids": list(p["chosen_input_ids"][:n_p]) + answer, "kl_labels": [IGNORE_INDEX] * n_p + answer})
     return out
 
+def length_order(pairs: Sequence[dict], batch_size: int) -> list[int]:
+    "Indices of `pairs` by length when they fill more than one batch (similar lengths together: less padding), else as given."
+    if len(pairs) <= batch_size: return list(range(len(pairs)))
+    return sorted(range(len(pairs)), key=lambda i: max(len(pairs[i]["chosen_input_ids"]), len(pairs[i]["rejected_input_ids"])))
+
 @torch.no_grad()
 def add_reference_logps(ref_model: nn.Module, pairs: Sequence[dict], batch_size: int = 16, pad_id: int = 0) -> list[dict]:
     "Copies of `pairs` with the reference model's summed log-probs (ref_chosen, ref_rejected; ref_kl with KL pairs), computed once."
     was = ref_model.training; ref_model.eval()
-    col, dev, out = PairCollator(pad_id), next(ref_model.parameters()).device, []
+    col, dev, out, order = PairCollator(pad_id), next(ref_model.parameters()).device, [None] * len(pairs), length_order(pairs, batch_size)
     for s in progress(range(0, len(pairs), batch_size), desc="reference log-probs", leave=False):
-        chunk = pairs[s:s + batch_size]
-        b = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in col(chunk).items()}
+        idx = order[s:s + batch_size]
+        b = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in col([pairs[j] for j in idx]).items()}
         lp = pair_logps(ref_model, b)
         kl = pair_logps(ref_model, b, "kl_")["logps"] if "kl_input_ids" in b else None
-        for i, p in enumerate(chunk):
-            q = {**p, "ref_chosen": lp["chosen"][i].item(), "ref_rejected": lp["rejected"][i].item()}
+        for i, j in enumerate(idx):
+            q = {**pairs[j], "ref_chosen": lp["chosen"][i].item(), "ref_rejected": lp["rejected"][i].item()}
             if kl is not None: q["ref_kl"] = kl[i].item()
-            out.append(q)
+            out[j] = q
     ref_model.train(was)
     return out
 
@@ -313,19 +318,20 @@ def preference_accuracy(model: nn.Module, pairs: Sequence[dict], batch_size: int
                         per_pair: bool = False) -> dict:
     "How often `model` gives the chosen answer a higher log-prob than the rejected one (summed; per token), the mean gap, and implicit-reward accuracy when pairs carry reference log-probs; `per_pair` adds each pair's 0/1 outcome (`wins`) for paired comparisons."
     was = model.training; model.eval()
-    col, dev = PairCollator(pad_id), next(model.parameters()).device
+    col, dev, order = PairCollator(pad_id), next(model.parameters()).device, length_order(pairs, batch_size)
     cs, rs, ncs, nrs, rcs, rrs = [], [], [], [], [], []
     for s in range(0, len(pairs), batch_size):
-        b = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in col(pairs[s:s + batch_size]).items()}
+        b = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in col([pairs[j] for j in order[s:s + batch_size]]).items()}
         lp = pair_logps(model, b)
         for lst, k in ((cs, "chosen"), (rs, "rejected"), (ncs, "chosen_n"), (nrs, "rejected_n")): lst.append(lp[k].cpu())
         if "ref_chosen" in b: rcs.append(b["ref_chosen"].cpu()); rrs.append(b["ref_rejected"].cpu())
     model.train(was)
-    c, r, nc, nr = map(torch.cat, (cs, rs, ncs, nrs))
+    back = torch.argsort(torch.tensor(order))                        # undo the length order: results in the pairs' order
+    c, r, nc, nr = (torch.cat(x)[back] for x in (cs, rs, ncs, nrs))
     out = {"accuracy": (c > r).float().mean().item(), "accuracy_per_token": (c / nc > r / nr).float().mean().item(),
            "margin": (c - r).mean().item()}
     if rcs:
-        d = (c - torch.cat(rcs)) - (r - torch.cat(rrs))
+        d = (c - torch.cat(rcs)[back]) - (r - torch.cat(rrs)[back])
         out |= {"reward_accuracy": (d > 0).float().mean().item(), "reward_margin": d.mean().item()}
     if per_pair: out["wins"] = (c > r).float().tolist()
     return out

@@ -201,6 +201,20 @@ def test_dpo_loss_on_a_real_batch_starts_at_ln2(tiny_policy, records):
     assert kl[1]["kl_input_ids"][kl[1]["kl_labels"].count(-100):] == train[0]["chosen_input_ids"][train[0]["chosen_labels"].count(-100):]
 
 
+def test_length_ordered_batches_keep_the_pairs_order(tiny_policy):
+    "add_reference_logps and preference_accuracy batch pairs by length: results come back in the pairs' order, as with one batch."
+    model, tok, train, _, _ = tiny_policy
+    pairs = [{k: v for k, v in p.items() if not k.startswith("ref_")} for p in train[:24]]
+    lens = [max(len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in pairs]
+    assert lens != sorted(lens)                                           # so the length order differs from the given one
+    one, many = add_reference_logps(model, pairs, batch_size=24), add_reference_logps(model, pairs, batch_size=5)
+    for k in ("ref_chosen", "ref_rejected"):
+        torch.testing.assert_close(torch.tensor([p[k] for p in many]), torch.tensor([p[k] for p in one]), rtol=1e-4, atol=1e-4)
+    a, b = (preference_accuracy(model, one, batch_size=n, per_pair=True) for n in (24, 5))
+    assert a["wins"] == b["wins"], (a["wins"], b["wins"])
+    torch.testing.assert_close(a["margin"], b["margin"], rtol=1e-4, atol=1e-4)
+
+
 def test_dpo_raises_held_out_preference(tiny_policy):
     "A few DPO steps on training pairs make the model prefer the chosen answer of held-out pairs more often than its reference did."
     model, tok, train, test, before = tiny_policy
