@@ -3,11 +3,12 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+PYTEST_WORKERS ?= 2
 BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.gslm-installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup quickstart test check-sync nbtest pytest docs check-site lab
+.PHONY: setup quickstart test check-sync ops nbtest pytest docs check-site lab
 
 $(STAMP): setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,18 +25,22 @@ quickstart: setup                   ## load SmolLM2 offline and answer a questio
 
 test: export HF_HUB_OFFLINE = 1
 test: export GSLM_PROGRESS = 0
-test: setup check-sync nbtest docs check-site pytest   ## everything CI runs (pytest last: its summary closes the log)
+test: setup check-sync ops nbtest docs check-site pytest   ## everything CI runs (pytest last: its summary closes the log)
 	@echo "make test: all checks passed"
 
 check-sync: setup                   ## nbdev_export / nbdev_clean change nothing; README matches nbs/index.ipynb
 	$(BIN)/python .ci/check_sync.py
 
-nbtest: setup                       ## execute every notebook (cells marked #| gpu, slow, notest are skipped)
+ops: setup                          ## compile DeepSpeed's CPU ops once into $$GSLM_CACHE (a setup step, like DS_BUILD_OPS=1)
+	@start=$$(date +%s); $(BIN)/python -c "from gslm.distributed import build_deepspeed_ops as b; print('ops:', b(offload=True))"; \
+	echo "ops: DeepSpeed's CPU ops ready in $$(( $$(date +%s) - start )) s"
+
+nbtest: setup ops                   ## execute every notebook (cells marked #| gpu, slow, notest are skipped)
 	@start=$$(date +%s); HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/nbdev_test --timing --n_workers 2; rc=$$?; \
 	echo "nbtest: nbdev_test wall time $$(( $$(date +%s) - start )) s (two notebooks at once, a core each)"; exit $$rc
 
-pytest: setup                       ## oracle tests, bad input, faults, the command line
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+pytest: setup                       ## oracle tests, bad input, faults, the command line (two workers, a core each)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=10 tests
 
 docs: setup                         ## build the docs site into _site/ from nbdev's processed notebooks
 	$(BIN)/python .ci/build_docs.py
