@@ -5,7 +5,7 @@
 # %% ../nbs/06_rag/60_rag.ipynb #c69ffaf5
 from __future__ import annotations
 
-import hashlib, json, math, os, re, shutil, subprocess, tempfile, time
+import copy, hashlib, json, math, os, re, shutil, subprocess, tempfile, time
 from collections import Counter
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
@@ -22,9 +22,9 @@ __all__ = ['CHUNKERS', 'DEFAULT_TEMPLATE', 'NAIVE_TEMPLATE', 'PYDOCS_PACKAGE', '
            'sentence_spans', 'chunk_sentences', 'headings', 'chunk_headings', 'chunk_documents', 'plot_chunks',
            'minilm_path', 'Embedder', 'mean_pool', 'embed_from_scratch', 'IndexFileError', 'VectorIndex',
            'bm25_tokenize', 'BM25', 'rrf', 'Hit', 'Retriever', 'dedup', 'recall_at_k', 'reciprocal_rank', 'dcg',
-           'ndcg_at_k', 'retrieval_metrics', 'evaluate_retriever', 'RAGTemplate', 'rag_prompt', 'RAGAnswer',
-           'rag_answers', 'rag_answer', 'evaluate_rag', 'oracle_contexts', 'python_docs_dir', 'python_docs_corpus',
-           'bench_vector_search', 'quickstart_rag']
+           'ndcg_at_k', 'retrieval_metrics', 'evaluate_retriever', 'RAGTemplate', 'rag_prompt', 'common_prefix_len',
+           'generate_first_lines', 'RAGAnswer', 'rag_answers', 'rag_answer', 'evaluate_rag', 'oracle_contexts',
+           'python_docs_dir', 'python_docs_corpus', 'bench_vector_search', 'quickstart_rag']
 
 # %% ../nbs/06_rag/60_rag.ipynb #2f37bf71
 @dataclass
@@ -189,6 +189,7 @@ class Embedder:
         self.name = model or minilm_path()
         self.model = SentenceTransformer(self.name, device=device)
         self.batch_size = batch_size
+        self._last_queries: tuple | None = None
         self.dim = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
             else self.model.get_sentence_embedding_dimension()
     @classmethod
@@ -210,6 +211,12 @@ class Embedder:
             out[idx] = self.model.encode([texts[i] for i in idx], batch_size=len(idx), normalize_embeddings=True,
                                          convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
         return out
+    def encode_queries(self, questions: Sequence[str]) -> np.ndarray:
+        "`encode` without a progress bar, remembering the last list of questions: several retrievers searched with the same questions embed them once."
+        key = tuple(questions)
+        if self._last_queries is None or self._last_queries[0] != key:
+            self._last_queries = (key, self.encode(key, show_progress=False))
+        return self._last_queries[1]
     def key(self, texts: Sequence[str]) -> str:
         "A hash of the model and the texts: the file name of their cached embeddings."
         h = hashlib.sha256(Path(self.name).name.encode() + str(self.dim).encode())
@@ -415,7 +422,7 @@ class Retriever:
         if isinstance(questions, str): raise TypeError("search takes a list of questions; wrap a single string in a list")
         d = max(k, depth) if mode == "hybrid" else k
         if mode in ("dense", "hybrid"):
-            dense = self.index.search(self.embedder.encode(questions, show_progress=False), d)[1].tolist()
+            dense = self.index.search(self.embedder.encode_queries(questions), d)[1].tolist()
             if mode == "dense": return dense
         sparse = self.bm25.search(questions, d)[1].tolist()
         if mode == "bm25": return sparse
@@ -514,9 +521,56 @@ def rag_prompt(question: str, passages: Sequence, template: RAGTemplate = DEFAUL
     parts = ([header] if header else []) + [block(q, demo) + " " + a for q, a in t.demos] + [block(question, passages)]
     return t.sep.join(parts)
 
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    "Length of the longest prefix that all the token sequences `seqs` share."
+    if not len(seqs): return 0
+    first, n = seqs[0], min(len(x) for x in seqs)
+    return next((i for i in range(n) if any(x[i] != first[i] for x in seqs)), n)
+
+@torch.no_grad()
+def generate_first_lines(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 24, batch_size: int = 16,
+                         share_prefix: bool = True, desc: str = "generate") -> list[str]:
+    "Greedy continuations of `prompts`, each stopped once its first non-empty line is complete; the token prefix all prompts share runs once and its KV cache is reused by every batch."
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    if isinstance(prompts, str): raise TypeError("generate_first_lines takes a list of prompts; wrap a single string in a list")
+    if not prompts: return []
+    class FirstLineDone(StoppingCriteria):          # a row is finished when its text, leading whitespace stripped, contains a newline
+        def __init__(self, start: int): self.start = start
+        def __call__(self, input_ids, scores, **kw):
+            texts = tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+            return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+    was_training = model.training; model.eval()
+    dev = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    P = min(common_prefix_len(ids), min(map(len, ids)) - 1) if share_prefix and len(ids) > 1 else 0
+    out = [None] * len(ids)
+    try:
+        prefix = model(torch.tensor([ids[0][:P]], device=dev), use_cache=True).past_key_values if P else None
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))            # similar lengths together: less padding
+        for s in progress(range(0, len(order), batch_size), desc=desc, leave=False):
+            idx = order[s:s + batch_size]
+            T = max(len(ids[i]) for i in idx) - P                             # [shared prefix | padding | own suffix]
+            inp = torch.full((len(idx), P + T), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), P + T), dtype=torch.long)
+            if P: inp[:, :P] = torch.tensor(ids[0][:P]); mask[:, :P] = 1
+            for r, i in enumerate(idx):
+                suffix = ids[i][P:]
+                inp[r, P + T - len(suffix):] = torch.tensor(suffix); mask[r, P + T - len(suffix):] = 1
+            kw = {}
+            if prefix is not None:                  # generate extends the cache in place: each batch gets its own copy
+                kw["past_key_values"] = cache = copy.deepcopy(prefix); cache.batch_repeat_interleave(len(idx))
+            g = model.generate(input_ids=inp.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, top_p=None, top_k=None, temperature=None,
+                               stopping_criteria=StoppingCriteriaList([FirstLineDone(P + T)]), **kw)
+            for i, text in zip(idx, tokenizer.batch_decode(g[:, P + T:], skip_special_tokens=True)): out[i] = text
+    finally:
+        model.train(was_training)
+    return out
+
 @dataclass
 class RAGAnswer:
-    "A grounded answer: the normalised answer, the ids of the chunks in the prompt (and their documents), the prompt and the raw generation."
+    "A grounded answer: the normalised answer, the ids of the chunks in the prompt (and their documents), the prompt and the raw generation (to the end of its first line)."
     question: str
     answer: str
     passage_ids: list[int]
@@ -526,8 +580,8 @@ class RAGAnswer:
 
 def rag_answers(questions: Sequence[str], retriever: Retriever | None, model, tokenizer, *, k: int = 4, mode: str = "dense",
                 template: RAGTemplate = DEFAULT_TEMPLATE, contexts: Sequence[Sequence] | None = None,
-                max_new_tokens: int = 10, batch_size: int = 16, desc: str = "rag") -> list[RAGAnswer]:
-    "Answer many questions at once: retrieve k chunks each (or take `contexts`; k=0 → closed book), build prompts, batched greedy generation."
+                max_new_tokens: int = 10, batch_size: int = 16, share_prefix: bool = True, desc: str = "rag") -> list[RAGAnswer]:
+    "Answer many questions at once: retrieve k chunks each (or take `contexts`; k=0 → closed book), build prompts, batched greedy generation of first lines."
     from gslm.sft import generate_answers, normalize_answer
     if isinstance(questions, str): raise TypeError("rag_answers takes a list of questions; use rag_answer for one")
     if contexts is not None:
@@ -538,7 +592,9 @@ def rag_answers(questions: Sequence[str], retriever: Retriever | None, model, to
         if retriever is None: raise ValueError("pass a Retriever (or contexts=..., or k=0 for closed book)")
         hits = retriever.search(list(questions), k=k, mode=mode)
     prompts = [rag_prompt(q, h, template) for q, h in zip(questions, hits)]
-    raw = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    gen = generate_first_lines if hasattr(model, "generate") else generate_answers       # a bare nn.Module: gslm.sft's own greedy loop
+    kw = dict(share_prefix=share_prefix) if gen is generate_first_lines else {}
+    raw = gen(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc, **kw)
     return [RAGAnswer(q, normalize_answer(r), [getattr(p, "chunk_id", getattr(p, "id", -1)) for p in h],
                       [getattr(p, "doc_id", "") if not isinstance(p, dict) else p.get("doc_id", p.get("id", "")) for p in h], pr, r)
             for q, h, pr, r in zip(questions, hits, prompts, raw)]

@@ -130,3 +130,33 @@ def test_retrieval_lifts_exact_match(kb, retriever, smollm2):
     assert dense["em"] - closed["em"] >= 0.4, (closed, dense, df[["answer", "prediction"]].to_dict("records"))
     a = rag.rag_answer(sample[0]["question"], retriever, model, tok, k=2, max_new_tokens=8)
     assert len(a.passage_ids) == 2 and sample[0]["doc_id"] in a.doc_ids and "<<<" in a.prompt
+
+
+def test_shared_prefix_first_lines_equal_whole_prompt_generation(kb, retriever, smollm2):
+    "generate_first_lines (shared-prefix KV cache, stop after the first line) gives generate_answers' normalised answers."
+    from gslm.sft import generate_answers, normalize_answer
+    model, tok = smollm2
+    assert rag.common_prefix_len([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2 and rag.common_prefix_len([[5], [6]]) == 0
+    qs = [q["question"] for q in kb[1][::108]]
+    prompts = [rag.rag_prompt(q, h) for q, h in zip(qs, retriever.search(qs, k=1))] + [rag.rag_prompt(qs[0], [])]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert rag.common_prefix_len(ids[:-1]) > 100 and rag.common_prefix_len(ids) > 0     # the header + examples; closed book shares less
+    plain = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=4)
+    want = [normalize_answer(x) for x in plain]
+    shared = rag.generate_first_lines(model, tok, prompts[:-1], max_new_tokens=8, batch_size=4)   # > 100 shared tokens
+    assert [normalize_answer(x) for x in shared] == want[:-1], (plain, shared)
+    assert all(x.lstrip().count("\n") <= 1 for x in shared)
+    mixed = rag.generate_first_lines(model, tok, [prompts[0], prompts[-1]], max_new_tokens=8)       # a short shared prefix
+    assert [normalize_answer(x) for x in mixed] == [want[0], want[-1]], (plain, mixed)
+    one = rag.generate_first_lines(model, tok, prompts[-1:], max_new_tokens=8)          # no prefix to share with a single prompt
+    assert normalize_answer(one[0]) == want[-1]
+    with pytest.raises(TypeError, match="list of prompts"): rag.generate_first_lines(model, tok, prompts[0])
+
+
+def test_query_embeddings_are_reused(retriever):
+    emb = retriever.embedder
+    qs = ["Who founded the town of Bramo?", "What is the emblem of Vencas?"]
+    a = emb.encode_queries(qs)
+    assert emb.encode_queries(list(qs)) is a
+    np.testing.assert_array_equal(a, emb.encode(qs, show_progress=False))
+    assert emb.encode_queries(qs[:1]) is not a
