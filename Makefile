@@ -32,7 +32,7 @@ check-sync: setup                   ## nbdev_export / nbdev_clean change nothing
 	$(BIN)/python .ci/check_sync.py
 
 ops: setup                          ## compile DeepSpeed's CPU ops once into $$GSLM_CACHE (a setup step, like DS_BUILD_OPS=1)
-	@start=$$(date +%s); $(BIN)/python -c "from gslm.distributed import build_deepspeed_ops as b; print('ops:', b(offload=True))"; \
+	@start=$$(date +%s); $(BIN)/python -c "from gslm.distributed import build_deepspeed_ops as b; print('ops:', b(offload=True))" && \
 	echo "ops: DeepSpeed's CPU ops ready in $$(( $$(date +%s) - start )) s"
 
 nbtest: setup ops                   ## execute every notebook (cells marked #| gpu, slow, notest are skipped)
