@@ -5,7 +5,7 @@
 # %% ../nbs/00_setup/00_core.ipynb #64214f01
 from __future__ import annotations
 
-import os, sys, time, random, socket, platform, threading, importlib.metadata as _md
+import os, sys, time, random, socket, platform, threading, logging, importlib.metadata as _md
 from contextlib import ContextDecorator
 from pathlib import Path
 
@@ -98,6 +98,13 @@ def is_offline(refresh: bool = False, host: str = "huggingface.co", port: int = 
         target = _proxy_target() or key
         _offline_cache[key] = not _can_connect(*target, timeout)
     return _offline_cache[key]
+
+# %% ../nbs/00_setup/00_core.ipynb #58e4e843
+def _drop_offline_hub_kernel_warning(record: logging.LogRecord) -> bool:
+    "Logging filter: False (drop) for bitsandbytes' hub-kernel warning when the hub is unreachable."
+    return not (str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community") and is_offline())
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_offline_hub_kernel_warning)
 
 # %% ../nbs/00_setup/00_core.ipynb #21ef3b62
 def cache_dir(*parts: str) -> Path:
