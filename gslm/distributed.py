@@ -21,17 +21,21 @@ __all__ = ['TOY_MODEL', 'ZERO_STAGES', 'OFFLOAD', 'extensions_dir', 'worker_env'
 
 # %% ../nbs/03_finetuning/34_distributed.ipynb #905c4da6
 def extensions_dir() -> Path:
-    "Where DeepSpeed's JIT-compiled ops (shm all-reduce, cpu_adam) are cached: `cache_dir('torch_extensions')`, i.e. under `$GSLM_CACHE`."
-    return cache_dir("torch_extensions")
+    "Where DeepSpeed's JIT-compiled ops (shm all-reduce, cpu_adam) are cached: under `$GSLM_CACHE/torch_extensions`, one folder per Python environment."
+    key = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:8]
+    return cache_dir("torch_extensions", f"{Path(sys.prefix).name}-{key}")
 
 _DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT",
               "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "ACCELERATE_USE_DEEPSPEED")
 
 def worker_env(threads: int = 1, env: dict | None = None) -> dict:
-    "The environment of each rank: `OMP_NUM_THREADS=threads`, DeepSpeed's ops cache, offline hub, unbuffered output; `env` wins."
+    "The environment of each rank: `OMP_NUM_THREADS=threads`, DeepSpeed's ops cache, this Python's bin/ first on PATH, offline hub, unbuffered output; `env` wins."
     e = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}   # a launch from inside a distributed job starts a fresh one
     e.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TORCH_EXTENSIONS_DIR=str(extensions_dir()),
              PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    bindir, path = os.path.dirname(sys.executable), e.get("PATH", "")
+    if path.split(os.pathsep)[0] != bindir:                           # this environment's ninja (and torchrun) first
+        e["PATH"] = bindir + (os.pathsep + path if path else "")
     e.setdefault("GSLM_PROGRESS", "0")
     e.setdefault("HF_HUB_OFFLINE", "1")
     if "DS_ACCELERATOR" not in e:

@@ -125,3 +125,21 @@ def _fit_worker(config: dict):
     m, seen = tiny_model("llama", seed=0), []
     h = fit(m, _examples(), config=TrainConfig(**config), callbacks=[lambda step, row: seen.append(row["examples"])])
     return {"loss": h.loss, "seen": seen, "state": m.state_dict()}
+
+
+def test_workers_use_this_environments_ninja_and_ops_cache(monkeypatch, tmp_path):
+    """A build of DeepSpeed's ops records the ninja and paths it used: ranks get this Python's bin/ first on PATH, and the
+    cache has one folder per environment, so neither the system's ninja nor a second venv sharing GSLM_CACHE rebuilds it."""
+    import sys
+    from pathlib import Path
+    from gslm.distributed import extensions_dir, worker_env
+    monkeypatch.setenv("GSLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin" + os.pathsep + "/bin")
+    e = worker_env()
+    assert e["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin", "/bin"]
+    monkeypatch.setenv("PATH", e["PATH"])
+    assert worker_env()["PATH"] == e["PATH"]                                                # not prepended twice
+    assert worker_env(env={"PATH": "/opt/x"})["PATH"] == "/opt/x"                         # an explicit env wins
+    d = extensions_dir()
+    assert d.is_dir() and d.parent == tmp_path / "torch_extensions" and d.name.startswith(Path(sys.prefix).name + "-")
+    assert e["TORCH_EXTENSIONS_DIR"] == str(d)
