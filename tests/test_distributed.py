@@ -1,11 +1,12 @@
 """gslm.distributed: the torchrun launcher (results, a failing rank, a hang), DeepSpeed configs checked by DeepSpeed's own parser,
 a real 2-process ZeRO-3 run against one process, and gslm.train.fit under DeepSpeed with a sharded checkpoint and resume."""
-import json, os, random, time
+import json, os, random, sys, time
+from pathlib import Path
 import pytest
 import torch
 
-from gslm.distributed import (OFFLOAD, ZERO_STAGES, DistributedError, check_deepspeed_config, deepspeed_config, launch,
-                              reference_training, write_script)
+from gslm.distributed import (OFFLOAD, ZERO_STAGES, DistributedError, check_deepspeed_config, deepspeed_config, extensions_dir,
+                              launch, reference_training, worker_env, write_script)
 from gslm.train import TrainConfig, deepspeed_dict, fit
 
 import deepspeed  # noqa: F401,E402 — a dev dependency: the 2-process ZeRO-3 run must fail, not skip, when it is missing
@@ -130,9 +131,6 @@ def _fit_worker(config: dict):
 def test_workers_use_this_environments_ninja_and_ops_cache(monkeypatch, tmp_path):
     """A build of DeepSpeed's ops records the ninja and paths it used: ranks get this Python's bin/ first on PATH, and the
     cache has one folder per environment, so neither the system's ninja nor a second venv sharing GSLM_CACHE rebuilds it."""
-    import sys
-    from pathlib import Path
-    from gslm.distributed import extensions_dir, worker_env
     monkeypatch.setenv("GSLM_CACHE", str(tmp_path))
     monkeypatch.setenv("PATH", "/usr/bin" + os.pathsep + "/bin")
     e = worker_env()
